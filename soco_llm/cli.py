@@ -1,0 +1,183 @@
+"""The `soco` command: compress, eval, info, export-dense."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import SocoError
+
+log = logging.getLogger("soco_llm")
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1), the fraction of parameters removed; got {value}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("--seq-len", type=int, default=512, help=f"{kind} window length in tokens (default 512)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-data", default="bundled",
+                   help="held-out text: bundled (BoolQ dev passages), wikitext2, c4, ptb, or a text file")
+    p.add_argument("--eval-windows", type=int, default=24, help="number of windows to score; 0 = all (default 24)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (default 512)")
+    p.add_argument("--eval-batch-size", type=int, default=4)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import METHODS
+
+    parser = argparse.ArgumentParser(prog="soco", description="Compress Hugging Face causal LMs by low-rank factorisation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model and save it")
+    c.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
+    c.add_argument("--ratio", required=True, type=_ratio, help="fraction of decoder-linear parameters removed, in (0, 1)")
+    c.add_argument("--model", default=None, help="model folder, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
+    c.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--calib", default="bundled", help="calibration text: bundled, wikitext2, c4, ptb, or a text file")
+    c.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    _add_data_args(c, "calibration")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    c.add_argument("--sequential", action="store_true",
+                   help="feed each block the outputs of the already-compressed earlier blocks")
+    c.add_argument("--alpha", type=float, default=None, help="ASVD activation exponent (default 0.5)")
+    c.add_argument("--target-modules", nargs="+", default=None, help="module names or regexes to compress")
+    c.add_argument("--exclude-modules", nargs="+", default=None, help="module names or regexes to leave dense")
+    c.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--no-eval", dest="eval", action="store_false", help="skip dense/compressed perplexity")
+    _add_eval_args(c)
+
+    e = sub.add_parser("eval", help="perplexity of a dense or compressed model")
+    e.add_argument("model", nargs="?", default=None, help="model folder, .gguf file or hub id (default: bundled model)")
+    _add_eval_args(e)
+    e.add_argument("--dtype", default=None)
+    e.add_argument("--device", default="cpu")
+
+    i = sub.add_parser("info", help="ranks per layer, achieved ratio and sizes of a compressed folder")
+    i.add_argument("folder")
+    i.add_argument("--json", action="store_true", help="print the compression section as JSON")
+
+    x = sub.add_parser("export-dense", help="write an ordinary dense HF folder from a compressed one")
+    x.add_argument("folder")
+    x.add_argument("--out", required=True)
+    x.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _eval(model, tok, args, label: str):
+    from .evaluate import evaluate_perplexity
+
+    res = evaluate_perplexity(model, tok, args.eval_data, args.eval_seq_len, args.eval_windows or None,
+                              args.eval_batch_size)
+    print(f"{label:<12} {res}")
+    return res
+
+
+def cmd_compress(args) -> None:
+    from .compress import compress
+    from .config import CalibrationConfig, config_for
+    from .data import calibration_windows
+    from .io import save_compressed
+    from .models import load_model
+
+    kwargs = {"ratio": args.ratio, "sequential": args.sequential, "target_modules": args.target_modules,
+              "exclude_modules": args.exclude_modules}
+    if args.alpha is not None:
+        kwargs["alpha"] = args.alpha
+    config = config_for(args.method, **kwargs)  # validates before any heavy work
+    calib = CalibrationConfig(args.calib, args.samples, args.seq_len, args.seed, args.batch_size)
+    calib.validate()
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SocoError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
+    model, tok = load_model(args.model, args.dtype, args.device)
+    dense = _eval(model, tok, args, "dense") if args.eval else None
+    windows = calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
+    report = compress(model, config, windows, calib)
+    report.config["calibration"] = vars(calib)
+    print(report.summary())
+    compressed = _eval(model, tok, args, args.method) if args.eval else None
+    if dense is not None:
+        report.config["eval"] = {"dense": dense.to_dict(), "compressed": compressed.to_dict()}
+    save_compressed(model, tok, out, report, overwrite=args.overwrite)
+    print(f"saved to {out}  (compression took {report.seconds:.1f}s)")
+
+
+def cmd_eval(args) -> None:
+    from .models import load_model
+
+    model, tok = load_model(args.model, args.dtype, args.device)
+    _eval(model, tok, args, "perplexity")
+
+
+def cmd_info(args) -> None:
+    from .io import read_compression
+
+    comp = read_compression(args.folder)
+    if args.json:
+        print(json.dumps(comp, indent=2))
+        return
+    report_path = Path(args.folder) / "compression_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    rows = report.get("layers") or [{"name": n, "rank": r} for n, r in comp["ranks"].items()]
+    print(f"method: {comp['method']}   target ratio: {comp.get('target_ratio')}   "
+          f"achieved ratio: {comp.get('achieved_ratio', float('nan')):.4f}")
+    print(f"ratio definition: {comp.get('ratio_definition')}")
+    if report:
+        print(f"whole model: {report['model_params_before'] / 1e6:.2f}M -> {report['model_params_after'] / 1e6:.2f}M params")
+    size = sum(f.stat().st_size for f in Path(args.folder).glob("*.safetensors"))
+    print(f"weights on disk: {size / 2**20:.1f} MiB")
+    print(f"{'layer':<48} {'out x in':>12} {'rank':>6} {'ratio':>7}")
+    for r in rows:
+        shape = f"{r['out_features']}x{r['in_features']}" if "out_features" in r else ""
+        rank = r["rank"] if r["rank"] else "dense"
+        ratio = f"{r['ratio']:.3f}" if "ratio" in r else ""
+        print(f"{r['name']:<48} {shape:>12} {rank:>6} {ratio:>7}")
+
+
+def cmd_export_dense(args) -> None:
+    from .io import export_dense, read_compression
+
+    read_compression(args.folder)
+    if Path(args.out).exists() and not args.overwrite:
+        raise SocoError(f"output folder {args.out!r} already exists; pass --overwrite to replace it")
+    export_dense(args.folder, args.out, args.overwrite)
+    print(f"wrote dense model to {args.out}")
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export-dense": cmd_export_dense}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        COMMANDS[args.command](args)
+    except SocoError as e:
+        print(f"soco: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("soco: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

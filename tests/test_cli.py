@@ -1,0 +1,127 @@
+"""The `soco` command end to end on a tiny model, and every bad-input case: one line, non-zero exit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from soco_llm import save_dense
+from soco_llm.cli import main
+from tiny import tiny_model, tiny_tokenizer
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def compress_args(model_dir, text_file, out, *extra):
+    return ["compress", "--method", "svd-llm", "--ratio", "0.4", "--model", model_dir, "--out", out,
+            "--calib", text_file, "--samples", "4", "--seq-len", "32", "--eval-data", text_file,
+            "--eval-seq-len", "32", "--eval-windows", "2", *extra]
+
+
+def test_compress_eval_info_export(capsys, model_dir, text_file, tmp_path):
+    out = tmp_path / "c"
+    code, stdout, err = run(capsys, *compress_args(model_dir, text_file, out))
+    assert code == 0, err
+    assert "dense" in stdout and "svd-llm" in stdout and "perplexity" in stdout
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+    code, stdout, _ = run(capsys, "eval", out, "--eval-data", text_file, "--eval-seq-len", "32", "--eval-windows", "2")
+    assert code == 0 and "perplexity" in stdout and "tokens" in stdout
+
+    code, stdout, _ = run(capsys, "info", out)
+    assert code == 0 and "achieved ratio: 0.4" in stdout and "model.layers.1.mlp.down_proj" in stdout
+
+    code, stdout, _ = run(capsys, "export-dense", out, "--out", tmp_path / "d")
+    assert code == 0 and json.loads((tmp_path / "d" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_console_script_runs():
+    r = subprocess.run([sys.executable, "-m", "soco_llm.cli", "compress", "--method", "svd", "--ratio", "2",
+                        "--out", "x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "ratio must be in (0, 1)" in r.stderr
+
+
+def _one_line_error(code, err, needle):
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("soco") or "error" in ln]
+    assert len(lines) == 1, err
+    assert needle in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2", "abc"])
+def test_ratio_out_of_range(capsys, ratio, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--method", "svd", "--ratio", ratio, "--out", str(tmp_path / "o")])
+    _, err = capsys.readouterr()
+    _one_line_error(e.value.code, err, "ratio must be")
+
+
+def test_unknown_method(capsys, model_dir, tmp_path):
+    code, _, err = run(capsys, "compress", "--method", "magic", "--ratio", "0.4", "--model", model_dir,
+                       "--out", tmp_path / "o")
+    _one_line_error(code, err, "unknown method 'magic'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_folder(capsys, tmp_path):
+    code, _, err = run(capsys, "compress", "--method", "svd", "--ratio", "0.4", "--model", tmp_path / "nope",
+                       "--out", tmp_path / "o")
+    _one_line_error(code, err, "not found")
+    code, _, err = run(capsys, "info", tmp_path / "nope")
+    _one_line_error(code, err, "not found")
+
+
+def test_corrupt_folders(capsys, model_dir, text_file, tmp_path):
+    out = tmp_path / "c"
+    assert run(capsys, *compress_args(model_dir, text_file, out, "--no-eval"))[0] == 0
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    code, _, err = run(capsys, "eval", out)
+    _one_line_error(code, err, "corrupt")
+    (out / "config.json").write_text("{not json")
+    code, _, err = run(capsys, "info", out)
+    _one_line_error(code, err, "not valid JSON")
+    code, _, err = run(capsys, "info", model_dir)
+    _one_line_error(code, err, "not a soco-llm compressed model")
+
+
+def test_no_target_linears(capsys, model_dir, text_file, tmp_path):
+    code, _, err = run(capsys, *compress_args(model_dir, text_file, tmp_path / "o", "--target-modules", "no_such_layer"))
+    _one_line_error(code, err, "no target linear layers")
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_activations(capsys, text_file, tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight.fill_(float("nan"))  # NaN into the MLP
+    save_dense(model, tiny_tokenizer(), tmp_path / "nan-model")
+    code, _, err = run(capsys, *compress_args(tmp_path / "nan-model", text_file, tmp_path / "o", "--no-eval"))
+    _one_line_error(code, err, "NaN or inf")
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_text_too_short(capsys, model_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("hi")
+    code, _, err = run(capsys, "compress", "--method", "svd-llm", "--ratio", "0.4", "--model", model_dir,
+                       "--out", tmp_path / "o", "--calib", short, "--no-eval")
+    _one_line_error(code, err, "text too short")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_overwrite(capsys, model_dir, text_file, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    code, _, err = run(capsys, *compress_args(model_dir, text_file, out, "--no-eval"))
+    _one_line_error(code, err, "--overwrite")
+    assert list(out.iterdir()) == []
+    code, _, _ = run(capsys, *compress_args(model_dir, text_file, out, "--no-eval", "--overwrite"))
+    assert code == 0 and (out / "config.json").is_file()
