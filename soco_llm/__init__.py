@@ -18,11 +18,12 @@ from .evaluate import evaluate_perplexity, perplexity
 from .io import export_dense, load, merge_to_dense, save_compressed, save_dense
 from .layer import LowRankLinear
 from .models import load_model
+from .soco import SoCoConfig, export_from_run
 from . import hf_integration  # noqa: F401,E402  lets AutoModelForCausalLM load compressed folders
 
 __all__ = [
     "ASVDConfig", "CalibrationConfig", "CompressionConfig", "CompressionReport", "FWSVDConfig", "LowRankLinear",
-    "SVDConfig", "SVDLLMConfig", "SocoError", "calibration_windows", "compress", "config_for", "config_from_dict",
+    "SVDConfig", "SVDLLMConfig", "SoCoConfig", "export_from_run", "SocoError", "calibration_windows", "compress", "config_for", "config_from_dict",
     "eval_windows", "evaluate_perplexity", "export_dense", "load", "load_model", "merge_to_dense", "perplexity",
     "save_compressed", "save_dense",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,16 +24,21 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _add_data_args(p: argparse.ArgumentParser, kind: str) -> None:
-    p.add_argument("--seq-len", type=int, default=512, help=f"{kind} window length in tokens (default 512)")
-
-
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default="bundled",
                    help="held-out text: bundled (BoolQ dev passages), wikitext2, c4, ptb, or a text file")
     p.add_argument("--eval-windows", type=int, default=24, help="number of windows to score; 0 = all (default 24)")
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (default 512)")
     p.add_argument("--eval-batch-size", type=int, default=4)
+
+
+def _add_zeroshot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default=None, type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
+                   help="comma-separated lm-eval tasks, run instead of perplexity: soco_piqa, soco_openbookqa, "
+                        "soco_boolq (offline), or any lm-eval task (arc_easy, hellaswag, ...; hub); batch size "
+                        "is --eval-batch-size")
+    p.add_argument("--limit", type=int, default=None, help="with --tasks: at most N documents per task")
+    p.add_argument("--num-fewshot", type=int, default=0, help="with --tasks: few-shot examples (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,29 +55,44 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--calib", default="bundled", help="calibration text: bundled, wikitext2, c4, ptb, or a text file")
-    c.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
-    _add_data_args(c, "calibration")
+    c.add_argument("--samples", type=int, default=None, help="calibration windows (default 32; soco: 128)")
+    c.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 512; soco: 256)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    c.add_argument("--batch-size", type=int, default=None, help="calibration / training batch size")
     c.add_argument("--sequential", action="store_true",
                    help="feed each block the outputs of the already-compressed earlier blocks")
     c.add_argument("--alpha", type=float, default=None, help="ASVD activation exponent (default 0.5)")
     c.add_argument("--target-modules", nargs="+", default=None, help="module names or regexes to compress")
     c.add_argument("--exclude-modules", nargs="+", default=None, help="module names or regexes to leave dense")
+    c.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="any field of the method's config, value as JSON, e.g. --set steps=300 basis='\"plain\"'")
+    c.add_argument("--quick", action="store_true", help="soco: a short run (80 steps on 48x128 tokens); "
+                   "trades quality for a few minutes")
+    c.add_argument("--run-dir", default=None, help="soco: checkpoints and basis (default: OUT.run)")
+    c.add_argument("--resume", action="store_true", help="soco: continue the run in --run-dir")
     c.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     c.add_argument("--device", default="cpu")
     c.add_argument("--no-eval", dest="eval", action="store_false", help="skip dense/compressed perplexity")
     _add_eval_args(c)
 
-    e = sub.add_parser("eval", help="perplexity of a dense or compressed model")
+    e = sub.add_parser("eval", help="perplexity (default) or, with --tasks, zero-shot accuracy of a model")
     e.add_argument("model", nargs="?", default=None, help="model folder, .gguf file or hub id (default: bundled model)")
     _add_eval_args(e)
+    _add_zeroshot_args(e)
     e.add_argument("--dtype", default=None)
     e.add_argument("--device", default="cpu")
 
     i = sub.add_parser("info", help="ranks per layer, achieved ratio and sizes of a compressed folder")
     i.add_argument("folder")
     i.add_argument("--json", action="store_true", help="print the compression section as JSON")
+
+    r = sub.add_parser("export", help="cut a finished SoCo run at another ratio, without retraining")
+    r.add_argument("--from", dest="run", required=True, help="the SoCo run folder (OUT.run of `soco compress`)")
+    r.add_argument("--ratio", required=True, type=_ratio)
+    r.add_argument("--out", required=True)
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--no-eval", dest="eval", action="store_false")
+    _add_eval_args(r)
 
     x = sub.add_parser("export-dense", help="write an ordinary dense HF folder from a compressed one")
     x.add_argument("folder")
@@ -89,41 +110,108 @@ def _eval(model, tok, args, label: str):
     return res
 
 
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SocoError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a bare string
+    return out
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def cmd_compress(args) -> None:
     from .compress import compress
     from .config import CalibrationConfig, config_for
     from .data import calibration_windows
-    from .io import save_compressed
     from .models import load_model
+    from .soco import QUICK
 
+    out = Path(args.out)
     kwargs = {"ratio": args.ratio, "sequential": args.sequential, "target_modules": args.target_modules,
               "exclude_modules": args.exclude_modules}
     if args.alpha is not None:
         kwargs["alpha"] = args.alpha
+    if args.method == "soco":
+        kwargs.update(QUICK if args.quick else {})
+        kwargs.update(run_dir=args.run_dir or str(out.with_name(out.name + ".run")), resume=args.resume, seed=args.seed)
+        for key, value in (("num_samples", args.samples), ("seq_len", args.seq_len), ("batch_size", args.batch_size)):
+            if value is not None:
+                kwargs[key] = value
+    elif args.quick or args.resume or args.run_dir:
+        raise SocoError("--quick, --resume and --run-dir apply to --method soco only")
+    kwargs.update(_parse_sets(args.set))
     config = config_for(args.method, **kwargs)  # validates before any heavy work
-    calib = CalibrationConfig(args.calib, args.samples, args.seq_len, args.seed, args.batch_size)
+    samples = getattr(config, "num_samples", None) or args.samples or 32
+    seq_len = getattr(config, "seq_len", None) or args.seq_len or 512
+    calib = CalibrationConfig(args.calib, samples, seq_len, args.seed, args.batch_size or 8)
     calib.validate()
-    out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SocoError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
+    main_process = _is_main_process()
     model, tok = load_model(args.model, args.dtype, args.device)
-    dense = _eval(model, tok, args, "dense") if args.eval else None
+    dense = _eval(model, tok, args, "dense") if args.eval and main_process else None
     windows = calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
     report = compress(model, config, windows, calib)
+    if not main_process:
+        return
     report.config["calibration"] = vars(calib)
     print(report.summary())
-    compressed = _eval(model, tok, args, args.method) if args.eval else None
-    if dense is not None:
-        report.config["eval"] = {"dense": dense.to_dict(), "compressed": compressed.to_dict()}
-    save_compressed(model, tok, out, report, overwrite=args.overwrite)
-    print(f"saved to {out}  (compression took {report.seconds:.1f}s)")
+    _finish(model, tok, report, args, dense)
+
+
+def _finish(model, tok, report, args, dense=None) -> None:
+    """Evaluate (optionally) and save a compressed model."""
+    from .io import save_compressed
+
+    compressed = _eval(model, tok, args, report.method) if args.eval else None
+    if compressed is not None:
+        report.config["eval"] = {"compressed": compressed.to_dict()}
+        if dense is not None:
+            report.config["eval"]["dense"] = dense.to_dict()
+    save_compressed(model, tok, args.out, report, overwrite=args.overwrite)
+    print(f"saved to {args.out}  (took {report.seconds:.1f}s)")
+
+
+def cmd_export(args) -> None:
+    from .soco import export_from_run
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise SocoError(f"output folder {args.out!r} already exists; pass --overwrite to replace it")
+    model, tok, report = export_from_run(args.run, args.ratio)
+    print(report.summary())
+    _finish(model, tok, report, args)
 
 
 def cmd_eval(args) -> None:
     from .models import load_model
 
+    if args.tasks is None and (args.limit is not None or args.num_fewshot):
+        raise SocoError("--limit and --num-fewshot apply to zero-shot tasks; add --tasks, e.g. --tasks soco_piqa")
+    if args.tasks is not None:
+        _zeroshot(args, load_model)
+        return
     model, tok = load_model(args.model, args.dtype, args.device)
     _eval(model, tok, args, "perplexity")
+
+
+def _zeroshot(args, load_model) -> None:
+    """`soco eval --tasks`: lm-eval accuracy table instead of perplexity; names checked before loading."""
+    from .zeroshot import check_options, evaluate_tasks, format_results, task_manager
+
+    check_options(args.limit, args.num_fewshot)
+    manager = task_manager(args.tasks)
+    model, tok = load_model(args.model, args.dtype, args.device)
+    results = evaluate_tasks(model, tok, args.tasks, args.limit, args.eval_batch_size, args.num_fewshot,
+                             manager=manager)
+    print(format_results(results))
 
 
 def cmd_info(args) -> None:
@@ -161,7 +249,8 @@ def cmd_export_dense(args) -> None:
     print(f"wrote dense model to {args.out}")
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export-dense": cmd_export_dense}
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export,
+            "export-dense": cmd_export_dense}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -37,13 +38,15 @@ class CompressionReport:
     seconds: float
     config: dict = field(default_factory=dict)
     ratio_definition: str = RATIO_DEFINITION
+    # Tensors to save beside the model, e.g. SoCo's trained scores; not part of to_dict().
+    tensors: dict = field(default_factory=dict, repr=False)
 
     @property
     def ranks(self) -> dict[str, int]:
         return {row["name"]: row["rank"] for row in self.layers}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "tensors"}
 
     def summary(self) -> str:
         dense = sum(1 for r in self.layers if r["rank"] == 0)
@@ -52,20 +55,27 @@ class CompressionReport:
                 f"{self.model_params_before / 1e6:.2f}M -> {self.model_params_after / 1e6:.2f}M params")
 
 
-def install_factors(model: nn.Module, target: Target, A: torch.Tensor, B: torch.Tensor,
-                    extra_bias: torch.Tensor | None = None) -> LowRankLinear:
-    """Replace `target` by a LowRankLinear holding A, B (and the original bias, plus any added bias)."""
+def swap_in_lowrank(model: nn.Module, name: str, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
+                    dense_cls: type[nn.Module]) -> LowRankLinear:
+    """Put a LowRankLinear with factors A, B (and bias) where module `name` was."""
+    layer = LowRankLinear.from_factors(A, B, bias)
+    layer.dense_cls = dense_cls
+    replace_module(model, name, layer)
+    return layer
+
+
+def install_factors(model: nn.Module, target: Target, A: torch.Tensor, B: torch.Tensor) -> LowRankLinear:
+    """Replace `target` by a LowRankLinear holding A, B and the original bias."""
     old = target.module
     w = linear_weight(old)
-    bias = old.bias.detach().to(torch.float64) if getattr(old, "bias", None) is not None else None
-    if extra_bias is not None:
-        bias = extra_bias.double() if bias is None else bias + extra_bias.double()
-    layer = LowRankLinear.from_factors(A.to(w.device, w.dtype), B.to(w.device, w.dtype),
-                                       None if bias is None else bias.to(w.device, w.dtype))
-    layer.dense_cls = type(old)
+    bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
+    layer = swap_in_lowrank(model, target.name, A.to(w.device, w.dtype), B.to(w.device, w.dtype), bias, type(old))
     layer.requires_grad_(w.requires_grad)
-    replace_module(model, target.name, layer)
     return layer
+
+
+# Methods that are not "decompose each layer at the uniform rank" register their own routine.
+COMPRESSORS: dict[str, Callable] = {}
 
 
 def calibration_batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -79,6 +89,8 @@ def compress(model: nn.Module, config: CompressionConfig, calibration: torch.Ten
     Data-free methods (svd) ignore `calibration`; the others require it.
     """
     config.validate()
+    if config.method in COMPRESSORS:
+        return COMPRESSORS[config.method](model, config, calibration, calibration_config)
     start = time.perf_counter()
     before = model_params(model)
     targets = find_targets(model, config.target_modules, config.exclude_modules)

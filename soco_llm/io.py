@@ -109,16 +109,15 @@ def compression_section(model: nn.Module, report) -> dict:
     }
 
 
-def save_compressed(model: nn.Module, tokenizer, out: str | os.PathLike, report, overwrite: bool = False,
-                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write a compressed model folder. `extra_tensors`: {filename: tensors} saved beside it."""
+def save_compressed(model: nn.Module, tokenizer, out: str | os.PathLike, report, overwrite: bool = False) -> Path:
+    """Write a compressed model folder; `report.tensors` ({filename: tensors}) are saved beside it."""
     config = _config_dict(model)
     config["compression"] = compression_section(model, report)
     config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
     with atomic_dir(out, overwrite) as tmp:
         _write_model(tmp, model, tokenizer, config)
         atomic_write_json(tmp / "compression_report.json", report.to_dict())
-        for fname, tensors in (extra_tensors or {}).items():
+        for fname, tensors in report.tensors.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / fname))
     log.info("saved compressed model to %s", out)
     return Path(out)

@@ -66,3 +66,45 @@ def rank_table(layers: list[LayerRank], extra_per_layer: bool = False) -> list[d
         rows.append({**asdict(layer), "params": layer.params(extra), "dense_params": layer.dense_params,
                      "ratio": 1.0 - layer.params(extra) / layer.dense_params})
     return rows
+
+
+def global_cut(importance: dict[str, "torch.Tensor"], shapes: dict[str, tuple[int, int]], budget: int,
+               bias_per_layer: bool = True) -> dict[str, list[int]]:
+    """Keep the most important components over all layers until the parameter budget is met.
+
+    A component of an m×n layer costs m+n; a compressed layer also pays m for its bias d when
+    `bias_per_layer`. Every layer keeps at least its best component, and never grows to a size
+    that is not smaller than dense. Returns the kept component indices per layer.
+    """
+    import torch
+
+    from .errors import SocoError
+
+    extra = {name: (m if bias_per_layer else 0) for name, (m, n) in shapes.items()}
+    kept = {name: [int(torch.argmax(importance[name]))] for name in shapes}
+    used = sum(m + n + extra[name] for name, (m, n) in shapes.items())
+    if used > budget:
+        old = sum(m * n for m, n in shapes.values())
+        raise SocoError(f"ratio {1 - budget / old:.3f} is out of reach: one component per layer already costs "
+                        f"ratio {1 - used / old:.3f}; choose a ratio below that")
+    names, flat_imp, flat_idx = [], [], []
+    for li, name in enumerate(shapes):
+        imp = importance[name].detach().float().cpu()
+        order = torch.argsort(imp, descending=True)[1:]  # the best one is already kept
+        names.append(name)
+        flat_imp.append(imp[order])
+        flat_idx.append(torch.stack([torch.full_like(order, li), order], 1))
+    imp = torch.cat(flat_imp)
+    idx = torch.cat(flat_idx)[torch.argsort(imp, descending=True, stable=True)]
+    cheapest = min(m + n for m, n in shapes.values())
+    for li, ci in idx.tolist():
+        if budget - used < cheapest:
+            break
+        name = names[li]
+        m, n = shapes[name]
+        r = len(kept[name])
+        if used + m + n > budget or (r + 1) * (m + n) + extra[name] >= m * n:
+            continue
+        kept[name].append(ci)
+        used += m + n
+    return kept

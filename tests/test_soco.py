@@ -1,0 +1,184 @@
+"""SoCo on tiny random models: init, training, the cut, folding, resume, errors, export."""
+
+import json
+
+import pytest
+import torch
+
+import soco_llm
+from soco_llm import SocoError, SoCoConfig
+from soco_llm.adapter import find_targets
+from soco_llm.ranks import global_cut
+from soco_llm.soco import (GateState, SizeModel, decompose_targets, install_spectral, kl_to_teacher, teacher_cache,
+                           train)
+from tiny import random_windows, tiny_model
+
+
+def _spectral(cfg, arch="llama", n=16):
+    model = tiny_model(arch)
+    windows = random_windows(n, 32)
+    targets = find_targets(model)
+    teacher = teacher_cache(model, windows, cfg.teacher_topk, 4)
+    basis = decompose_targets(model, cfg, targets, windows)
+    gate = GateState()
+    layers = install_spectral(model, targets, basis, gate)
+    return model, windows, teacher, layers, gate
+
+
+def _mean_kl(model, windows, teacher):
+    with torch.no_grad():
+        return float(kl_to_teacher(model(input_ids=windows).logits, teacher.top_logp, teacher.top_idx, teacher.rest_logp))
+
+
+@pytest.mark.parametrize("basis", ["whitened", "plain"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_init_equals_dense(arch, basis):
+    dense = tiny_model(arch)
+    x = random_windows()
+    ref = dense(input_ids=x).logits
+    model, *_ = _spectral(SoCoConfig(ratio=0.4, basis=basis, cap_basis=False), arch)
+    torch.testing.assert_close(model(input_ids=x).logits, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_few_steps_lower_the_kl():
+    cfg = SoCoConfig(ratio=0.5, steps=15, stage_steps=[0, 15, 0], alternate_amplitude=0.0, lr_scores=2e-2,
+                     lr_bias=2e-3, batch_size=8)
+    model, windows, teacher, layers, gate = _spectral(cfg)
+    size = SizeModel(layers, cfg.deviation)
+    gate.temperature = cfg.temperature
+    gate.log_theta = size.solve_threshold((1 - cfg.ratio) * size.dense, cfg.temperature)
+    before = _mean_kl(model, windows, teacher)
+    history = train(model, layers, gate, windows, teacher, cfg, None)
+    gate.log_theta = size.solve_threshold((1 - cfg.ratio) * size.dense, cfg.temperature)
+    after = _mean_kl(model, windows, teacher)
+    assert after < 0.9 * before
+    assert all(abs(h["soft_ratio"] - 0.5) < 0.01 for h in history)  # the budget is held every step
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.45, 0.7])
+def test_cut_meets_budget_exactly(ratio):
+    model = tiny_model("llama")
+    report = soco_llm.compress(model, SoCoConfig(ratio=ratio, steps=6, batch_size=4), random_windows(8, 32))
+    old = sum(r["dense_params"] for r in report.layers)
+    new = sum(r["params"] for r in report.layers)
+    assert report.achieved_ratio == pytest.approx(1 - new / old)
+    max_component = max(r["out_features"] + r["in_features"] for r in report.layers)
+    assert ratio - 1e-12 <= report.achieved_ratio <= ratio + max_component / old
+    # d counts: every compressed layer pays m for its bias
+    assert all(r["params"] == r["rank"] * (r["out_features"] + r["in_features"]) + r["out_features"]
+               for r in report.layers)
+
+
+def test_folding_scores_changes_no_logits():
+    cfg = SoCoConfig(ratio=0.4, steps=10, batch_size=4)
+    model, windows, teacher, layers, gate = _spectral(cfg)
+    train(model, layers, gate, windows, teacher, cfg, None)
+    shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
+    old = sum(m * n for m, n in shapes.values())
+    kept = global_cut({n: l.importance() for n, l in layers.items()}, shapes, int((1 - cfg.ratio) * old))
+    with torch.no_grad():  # the hard-gated spectral model: dropped components zeroed, gates open
+        for name, l in layers.items():
+            mask = torch.zeros_like(l.scores)
+            mask[kept[name]] = 1
+            l.scores.mul_(mask)
+        gate.log_theta = float("-inf")
+        hard = model(input_ids=windows).logits
+    from soco_llm.soco import cut
+
+    with torch.no_grad():  # restore importance order is unaffected: zeroed ones were not kept anyway
+        rows = cut(model, layers, cfg.ratio, cfg.deviation)
+        folded = model(input_ids=windows).logits
+    assert {r.name: r.rank for r in rows} == {n: len(k) for n, k in kept.items()}
+    torch.testing.assert_close(folded, hard, atol=1e-4, rtol=1e-4)
+
+
+def _run(tmp_path, name, **kw):
+    model = tiny_model("llama")
+    cfg = SoCoConfig(ratio=0.4, steps=12, batch_size=4, checkpoint_every=3, run_dir=str(tmp_path / name), **kw)
+    soco_llm.compress(model, cfg, random_windows(12, 32))
+    return model
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import soco_llm.soco as soco
+
+    full = _run(tmp_path, "full")
+    real = soco.kl_to_teacher
+    calls = {"n": 0}
+
+    def interrupt_at_step_8(*a):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(soco, "kl_to_teacher", interrupt_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "cut")
+    assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["step"] == 7
+    monkeypatch.setattr(soco, "kl_to_teacher", real)
+    resumed = _run(tmp_path, "cut", resume=True)
+    a = load_file(str(tmp_path / "full" / "soco_scores.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "soco_scores.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+    x = random_windows()
+    torch.testing.assert_close(full(input_ids=x).logits, resumed(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    import soco_llm.soco as soco
+
+    real = soco.kl_to_teacher
+    calls = {"n": 0}
+
+    def nan_at_step_5(*a):
+        calls["n"] += 1
+        return real(*a) * (float("nan") if calls["n"] == 5 else 1.0)
+
+    monkeypatch.setattr(soco, "kl_to_teacher", nan_at_step_5)
+    with pytest.raises(SocoError, match="NaN"):
+        _run(tmp_path, "nan")
+    assert json.loads((tmp_path / "nan" / "checkpoint.json").read_text())["step"] == 3
+
+
+def test_run_dir_is_not_reused_without_resume(tmp_path):
+    _run(tmp_path, "r")
+    with pytest.raises(SocoError, match="--resume"):
+        _run(tmp_path, "r")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(steps=10, stage_steps=[3, 3, 3]), "adding up"),
+    (dict(basis="fancy"), "basis"),
+])
+def test_bad_config_is_a_clear_error(kw, match):
+    with pytest.raises(SocoError, match=match):
+        soco_llm.config_for("soco", ratio=0.4, **kw)
+
+
+def test_unreachable_ratio_is_a_clear_error():
+    with pytest.raises(SocoError, match="out of reach"):
+        soco_llm.compress(tiny_model("llama"), SoCoConfig(ratio=0.97, steps=2), random_windows(4, 32))
+
+
+def test_export_other_ratio_from_one_run(tmp_path, model_dir):
+    model, tok = soco_llm.load_model(str(model_dir))
+    cfg = SoCoConfig(ratio=0.4, steps=6, batch_size=4, run_dir=str(tmp_path / "run"))
+    report = soco_llm.compress(model, cfg, random_windows(8, 32))
+    out = soco_llm.save_compressed(model, tok, tmp_path / "c", report)
+    assert (out / "soco_scores.safetensors").is_file()
+    loaded = soco_llm.load(out)
+    x = random_windows()
+    torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
+    ranks = {}
+    for ratio in (0.3, 0.6):
+        m2, _, r2 = soco_llm.export_from_run(tmp_path / "run", ratio)
+        assert ratio - 1e-12 <= r2.achieved_ratio < ratio + 0.05
+        ranks[ratio] = sum(r2.ranks.values())
+    assert ranks[0.3] > ranks[0.6]
+    m3, _, r3 = soco_llm.export_from_run(tmp_path / "run", 0.4)
+    assert r3.ranks == report.ranks
+    torch.testing.assert_close(m3(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
