@@ -78,15 +78,10 @@ def global_cut(importance: dict[str, "torch.Tensor"], shapes: dict[str, tuple[in
     """
     import torch
 
-    from .errors import SocoError
-
+    check_reachable(shapes, budget, bias_per_layer)
     extra = {name: (m if bias_per_layer else 0) for name, (m, n) in shapes.items()}
     kept = {name: [int(torch.argmax(importance[name]))] for name in shapes}
     used = sum(m + n + extra[name] for name, (m, n) in shapes.items())
-    if used > budget:
-        old = sum(m * n for m, n in shapes.values())
-        raise SocoError(f"ratio {1 - budget / old:.3f} is out of reach: one component per layer already costs "
-                        f"ratio {1 - used / old:.3f}; choose a ratio below that")
     names, flat_imp, flat_idx = [], [], []
     for li, name in enumerate(shapes):
         imp = importance[name].detach().float().cpu()
@@ -108,3 +103,14 @@ def global_cut(importance: dict[str, "torch.Tensor"], shapes: dict[str, tuple[in
         kept[name].append(ci)
         used += m + n
     return kept
+
+
+def check_reachable(shapes: dict[str, tuple[int, int]], budget: int, bias_per_layer: bool = True) -> None:
+    """Fail clearly when even one component per layer (plus its bias) exceeds the budget."""
+    from .errors import SocoError
+
+    least = sum(m + n + (m if bias_per_layer else 0) for m, n in shapes.values())
+    if least > budget:
+        old = sum(m * n for m, n in shapes.values())
+        raise SocoError(f"ratio {1 - budget / old:.3f} is out of reach: one component per layer already costs "
+                        f"ratio {1 - least / old:.3f}; choose a ratio below that")

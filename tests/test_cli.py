@@ -125,3 +125,36 @@ def test_existing_output_needs_overwrite(capsys, model_dir, text_file, tmp_path)
     assert list(out.iterdir()) == []
     code, _, _ = run(capsys, *compress_args(model_dir, text_file, out, "--no-eval", "--overwrite"))
     assert code == 0 and (out / "config.json").is_file()
+
+
+def test_soco_compress_resume_and_export(capsys, model_dir, text_file, tmp_path):
+    out = tmp_path / "s"
+    args = ["compress", "--method", "soco", "--ratio", "0.4", "--model", model_dir, "--out", out,
+            "--calib", text_file, "--samples", "8", "--seq-len", "32", "--batch-size", "4", "--eval-data", text_file,
+            "--eval-seq-len", "32", "--eval-windows", "2", "--set", "steps=4", "whiten_samples=4"]
+    code, stdout, err = run(capsys, *args)
+    assert code == 0, err
+    assert "soco: target ratio 0.400" in stdout and (out / "soco_scores.safetensors").is_file()
+    assert json.loads((tmp_path / "s.run" / "run.json").read_text())["status"] == "done"
+    # The run folder is not silently reused.
+    code, _, err = run(capsys, *args[:-3], "--overwrite", "--set", "steps=4", "whiten_samples=4")
+    _one_line_error(code, err, "--resume")
+    code, stdout, err = run(capsys, "export", "--from", tmp_path / "s.run", "--ratio", "0.6", "--out", tmp_path / "e",
+                            "--eval-data", text_file, "--eval-seq-len", "32", "--eval-windows", "2")
+    assert code == 0, err
+    assert "target ratio 0.600" in stdout
+    code, stdout, _ = run(capsys, "info", tmp_path / "e")
+    assert code == 0 and "method: soco" in stdout
+
+
+@pytest.mark.parametrize("sets,needle", [(["steps=10", "stage_steps=[1,2,3]"], "adding up"),
+                                         (["no_such_field=1"], "no setting")])
+def test_soco_bad_settings(capsys, model_dir, tmp_path, sets, needle):
+    code, _, err = run(capsys, "compress", "--method", "soco", "--ratio", "0.4", "--model", model_dir,
+                       "--out", tmp_path / "o", "--set", *sets)
+    _one_line_error(code, err, needle)
+
+
+def test_export_from_missing_run(capsys, tmp_path):
+    code, _, err = run(capsys, "export", "--from", tmp_path / "nope", "--ratio", "0.5", "--out", tmp_path / "o")
+    _one_line_error(code, err, "not a finished SoCo run folder")
