@@ -1,0 +1,54 @@
+"""One linear layer three ways: dense W·x, factored B·(A·x), merged (B·A)·x, across token counts.
+
+    python benchmarks/layer_crossover.py                       # SmolLM2-135M shapes, ratio 0.4
+    python benchmarks/layer_crossover.py --threads 2 --markdown benchmarks/results/layer_crossover_cpu.md
+
+The merged form rebuilds B·A on every call, as `LowRankLinear` does when `merge_min_tokens`
+is set; the table says which form is fastest at each token count (see soco_llm/layer.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from soco_llm.bench import crossover_table, hardware_info, layer_crossover, write_text_atomic
+
+# (out, in) of SmolLM2-135M's decoder linears: q/o, k/v, gate/up, down
+DEFAULT_SHAPES = ["576x576", "192x576", "1536x576", "576x1536"]
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        m, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like OUTxIN, e.g. 576x1536; got {text!r}") from None
+    return m, n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", type=_shape, nargs="+", default=[_shape(s) for s in DEFAULT_SHAPES])
+    p.add_argument("--ratio", type=float, default=0.4, help="uniform-rank ratio of the factored layer")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing (torch.utils.benchmark)")
+    p.add_argument("--markdown", default=None, help="also write the table here (atomically)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hw = hardware_info("cpu")
+    rows = layer_crossover(args.shapes, args.ratio, args.tokens, args.threads, args.min_run_time)
+    text = (crossover_table(rows) + f"\nfloat32, batch 1, ratio {args.ratio} (uniform rank), median µs per call "
+            f"(torch.utils.benchmark). {hw['cpu']}, torch {hw['torch']}, {torch.get_num_threads()} thread(s), "
+            f"1-min load average {hw.get('load_average_1min')}.\n")
+    print(text)
+    if args.markdown:
+        write_text_atomic(args.markdown, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

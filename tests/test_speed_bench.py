@@ -1,0 +1,84 @@
+"""The speed benchmark's functions and script on a tiny model: seconds, numbers only sanity-checked."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from soco_llm import SVDConfig, compress
+from soco_llm.bench import (BenchSettings, add_speedups, bench_models, crossover_table, decode_limit, layer_crossover,
+                            markdown_table, weight_stats)
+from tiny import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = BenchSettings(prefill_lengths=[8, 16], decode_prompt=8, new_tokens=3, warmup=0, repeats=1, threads=1)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_weight_stats_and_decode_limit():
+    dense = tiny_model("llama")
+    before = weight_stats(dense)
+    emb = dense.get_input_embeddings().weight.numel()
+    tied = dense.get_output_embeddings().weight is dense.get_input_embeddings().weight
+    assert before["decode_params"] == before["params"] - (0 if tied else emb)
+    assert before["weight_bytes"] == 4 * before["params"] and before["low_rank_layers"] == 0
+    model = tiny_model("llama")
+    report = compress(model, SVDConfig(ratio=0.4))
+    after = weight_stats(model)
+    assert after["low_rank_layers"] == 14 and after["linear_params"] < before["linear_params"]
+    assert after["params"] == report.model_params_after
+    limit = decode_limit(before, after)
+    assert limit == pytest.approx(before["decode_params"] / after["decode_params"]) and limit > 1
+
+
+def test_bench_models_rows_and_table():
+    torch.set_num_threads(1)
+    dense, compressed = tiny_model("llama"), tiny_model("llama")
+    compress(compressed, SVDConfig(ratio=0.4))
+    rows = bench_models([(dense, 0), (compressed, 0)], TINY)
+    for r, label, ratio in zip(rows, ["dense", "svd 0.4"], [None, 0.4]):
+        r.update(label=label, model="tiny", ratio=ratio, achieved_ratio=ratio or 0.0, torch_threads=1)
+    rows = add_speedups(rows)
+    for r in rows:
+        assert set(r["prefill_tok_s"]) == {"8", "16"} and all(v > 0 for v in r["prefill_tok_s"].values())
+        assert r["decode_tok_s"] > 0 and r["decode_tok_s_cpu"] > 0 and r["working_mib"] >= 0
+        assert len(r["times"]["generate@N"]) == TINY.repeats
+    assert rows[0]["decode_speedup"] == 1.0 and rows[1]["decode_limit"] > 1
+    table = markdown_table(rows, {"cpu": "test", "usable_cpus": 1, "torch": torch.__version__, "device": "cpu"}, TINY)
+    assert "| dense |" in table and "| svd 0.4 |" in table and "decode limit" in table
+
+
+def test_layer_crossover_rows():
+    rows = layer_crossover([(32, 48)], ratio=0.4, token_counts=[1, 16], threads=1, min_run_time=0.01)
+    assert [r["tokens"] for r in rows] == [1, 16] and all(r["dense"] > 0 and r["merged"] > 0 for r in rows)
+    assert rows[0]["rank"] == int(32 * 48 * 0.6 // 80)
+    assert "factored / dense" in crossover_table(rows)
+
+
+def test_speed_script_writes_json_and_markdown(model_dir, tmp_path, capsys):
+    speed = load_script("speed")
+    out_json, out_md = tmp_path / "r" / "speed.json", tmp_path / "r" / "speed.md"
+    assert speed.main(["--model", str(model_dir), "--ratios", "0.4", "0.6", "--threads", "1", "--prefill-lengths", "8",
+                       "--decode-prompt", "8", "--new-tokens", "3", "--repeats", "2", "--warmup", "0",
+                       "--json", str(out_json), "--markdown", str(out_md)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["hardware"]["torch"] == torch.__version__ and result["settings"]["repeats"] == 2
+    assert [r["label"] for r in result["results"]] == ["dense", "svd 0.4", "svd 0.6"]
+    assert result["results"][2]["achieved_ratio"] > result["results"][1]["achieved_ratio"] > 0.39
+    assert out_md.read_text() in capsys.readouterr().out
+    assert not list(out_json.parent.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_speed_script_bad_input(capsys):
+    speed = load_script("speed")
+    with pytest.raises(SystemExit):
+        speed.main(["--ratios", "1.5"])
+    assert "ratio must be in (0, 1)" in capsys.readouterr().err
