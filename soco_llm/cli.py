@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     c.add_argument("--device", default="cpu")
     c.add_argument("--no-eval", dest="eval", action="store_false", help="skip dense/compressed perplexity")
+    c.add_argument("--baseline", default=None, metavar="METHOD",
+                   help="also compress a fresh copy of the dense model with METHOD (its default calibration: "
+                        "32x512 tokens of --calib) and print its perplexity beside the main method's")
     _add_eval_args(c)
 
     e = sub.add_parser("eval", help="perplexity (default) or, with --tasks, zero-shot accuracy of a model")
@@ -155,19 +159,36 @@ def cmd_compress(args) -> None:
     calib.validate()
     if out.exists() and not args.overwrite:
         raise SocoError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
+    baseline = config_for(args.baseline, ratio=args.ratio) if args.baseline else None
+    if baseline is not None and not args.eval:
+        raise SocoError("--baseline compares perplexities; drop --no-eval")
     main_process = _is_main_process()
     model, tok = load_model(args.model, args.dtype, args.device)
     dense = _eval(model, tok, args, "dense") if args.eval and main_process else None
+    rows = [("dense", dense)] if dense is not None else []
+    if baseline is not None and main_process:
+        rows.append((baseline.method, _run_baseline(copy.deepcopy(model), tok, baseline, args)))
     windows = calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
     report = compress(model, config, windows, calib)
     if not main_process:
         return
     report.config["calibration"] = vars(calib)
     print(report.summary())
-    _finish(model, tok, report, args, dense)
+    _finish(model, tok, report, args, dense, rows)
 
 
-def _finish(model, tok, report, args, dense=None) -> None:
+def _run_baseline(model, tok, config, args) -> None:
+    """Compress a copy of the dense model with a baseline method, print its perplexity, drop it."""
+    from .compress import compress
+    from .data import calibration_windows
+
+    windows = calibration_windows(tok, args.calib, 32, 512, args.seed) if config.needs else None
+    report = compress(model, config, windows)
+    print(report.summary())
+    return _eval(model, tok, args, config.method)
+
+
+def _finish(model, tok, report, args, dense=None, rows=()) -> None:
     """Evaluate (optionally) and save a compressed model."""
     from .io import save_compressed
 
@@ -178,6 +199,10 @@ def _finish(model, tok, report, args, dense=None) -> None:
             report.config["eval"]["dense"] = dense.to_dict()
     save_compressed(model, tok, args.out, report, overwrite=args.overwrite)
     print(f"saved to {args.out}  (took {report.seconds:.1f}s)")
+    if len(rows) > 1 and compressed is not None:  # side by side, same held-out windows
+        table = [*rows, (report.method, compressed)]
+        print(f"\nperplexity at ratio {report.target_ratio} on {compressed.tokens} held-out tokens:")
+        print("  " + "  ".join(f"{name}: {res.perplexity:.1f}" for name, res in table))
 
 
 def cmd_export(args) -> None:

@@ -158,3 +158,10 @@ def test_soco_bad_settings(capsys, model_dir, tmp_path, sets, needle):
 def test_export_from_missing_run(capsys, tmp_path):
     code, _, err = run(capsys, "export", "--from", tmp_path / "nope", "--ratio", "0.5", "--out", tmp_path / "o")
     _one_line_error(code, err, "not a finished SoCo run folder")
+
+
+def test_baseline_printed_side_by_side(capsys, model_dir, text_file, tmp_path):
+    code, stdout, err = run(capsys, *compress_args(model_dir, text_file, tmp_path / "o", "--baseline", "svd"))
+    assert code == 0, err
+    last = stdout.strip().splitlines()[-1]
+    assert "dense:" in last and "svd:" in last and "svd-llm:" in last
