@@ -168,8 +168,11 @@ def collect_fisher(model: nn.Module, targets: list[Target], batches: list[torch.
             param.grad = None  # keep memory at one gradient at a time
 
         handles.append(w.register_post_accumulate_grad_hook(accumulate))
+    # One window per backward: Fisher is the mean of per-sample squared gradients, and memory
+    # stays at one window's activations and logits.
+    windows = [w for batch in batches for w in batch.split(1)]
     try:
-        for ids in tqdm(batches, desc="fisher"):
+        for ids in tqdm(windows, desc="fisher"):
             ids = ids.to(device)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             if not torch.isfinite(loss):

@@ -1,0 +1,305 @@
+"""Build docs/RESULTS.md from the result files in benchmarks/results/; it measures nothing itself.
+
+    python benchmarks/report.py            # (re)write docs/RESULTS.md
+    python benchmarks/report.py --check    # write nothing; exit 1 if a result JSON is missing or RESULTS.md is stale
+
+Inputs: compare_methods.json (perplexity), zeroshot.json (accuracy), speed_cpu.json (speed and
+memory), layer_crossover_cpu.md, soco_ablation.json, and compare_methods.json in any subfolder
+(extra runs). A missing input gives a "not measured yet: run <command>" line in its section.
+The output has no generation date, so it changes only when the inputs change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+log = logging.getLogger("report")
+
+REPO = Path(__file__).resolve().parent.parent
+COMMANDS = {
+    "compare_methods.json": "python benchmarks/compare_methods.py --methods svd fwsvd asvd svd-llm "
+                            "--ratios 0.2 0.4 0.6 --sequential --quiet",
+    "zeroshot.json": "python benchmarks/zeroshot.py --methods svd fwsvd asvd svd-llm --ratios 0.2 0.4 0.6 "
+                     "--tasks soco_piqa soco_openbookqa --limit 300",
+    "speed_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/speed.py --ratios 0.2 0.4 0.6 --threads 1 "
+                      "--json benchmarks/results/speed_cpu.json --markdown benchmarks/results/speed_cpu.md",
+    "soco_ablation.json": "python benchmarks/soco_ablation.py",
+    "layer_crossover_cpu.md": "python benchmarks/layer_crossover.py --threads 1 "
+                              "--markdown benchmarks/results/layer_crossover_cpu.md",
+}
+CHANCE = {"piqa": 0.5, "boolq": 0.5, "winogrande": 0.5, "openbookqa": 0.25, "arc_easy": 0.25,
+          "arc_challenge": 0.25, "hellaswag": 0.25}
+
+
+class Inputs:
+    """Reads the result files once; remembers which JSONs are missing or unreadable."""
+
+    def __init__(self, results_dir: Path):
+        self.dir = results_dir
+        self.missing: list[str] = []
+
+    def json(self, name: str) -> dict | None:
+        path = self.dir / name
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            self.missing.append(name)
+        except (OSError, json.JSONDecodeError) as e:
+            log.error("%s is unreadable (%s); treating it as missing", path, e)
+            self.missing.append(name)
+        return None
+
+    def text(self, name: str) -> str | None:
+        path = self.dir / name
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def not_measured(name: str) -> list[str]:
+    return [f"*Not measured yet: run `{COMMANDS[name]}`.*", ""]
+
+
+def fmt_ppl(x: float | None) -> str:
+    if x is None:
+        return "—"
+    if x != x or x == float("inf"):
+        return str(x)
+    if x >= 1e5:
+        return f"{x:.2e}"
+    if x >= 1000:
+        return f"{x:.0f}"
+    return f"{x:.1f}" if x >= 100 else f"{x:.3g}"
+
+
+def acc_cell(metrics: dict | None, key: str = "acc") -> str:
+    if not metrics or key not in metrics:
+        return "—"
+    se = metrics.get(f"{key}_stderr")
+    return f"{metrics[key]:.3f} ± {se:.3f}" if isinstance(se, (int, float)) else f"{metrics[key]:.3f}"
+
+
+def image(inputs: Inputs, out: Path, name: str, alt: str) -> list[str]:
+    path = inputs.dir / name
+    if not path.is_file():
+        return []
+    return [f"![{alt}]({Path(os.path.relpath(path, out.parent)).as_posix()})", ""]
+
+
+def env_lines(env: dict, extra: str = "") -> list[str]:
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformers", "lm_eval", "python") if env.get(k))
+    cores = env.get("cpu_count") or env.get("usable_cpus")
+    load = env.get("load_average_at_start") or env.get("load_average_1min") or "not recorded"
+    commit = f"; git commit {env['git_commit']}" if env.get("git_commit") else ""
+    lines = [f"- command: `{env.get('command', 'not recorded')}`",
+             f"- date: {env.get('date', 'not recorded')}{commit}{extra}",
+             f"- {versions}",
+             f"- CPU: {env.get('cpu', '?')}, {cores} cores, torch threads {env.get('torch_threads', '?')}; "
+             f"load average at start {load} (a shared machine: times are indicative)"]
+    if env.get("resumed_from"):
+        lines.append(f"- resumed a run started {env['resumed_from'].get('date', '?')}")
+    return lines + [""]
+
+
+# --------------------------------------------------------------------------- sections
+
+def ratio_section() -> list[str]:
+    from soco_llm.ranks import RATIO_DEFINITION
+
+    return ["## Compression ratio", "", f"{RATIO_DEFINITION}.", "",
+            "A ratio of 0.4 removes 40 % of those parameters. Baselines use the uniform rank "
+            "r = ⌊m·n·(1−ratio)/(m+n)⌋; SoCo chooses ranks per layer by its learned scores.", ""]
+
+
+def perplexity_table(data: dict) -> list[str]:
+    rows = sorted(data.get("rows", {}).values(), key=lambda r: (r.get("order", 1e9), r["target_ratio"]))
+    ratios = sorted({r["target_ratio"] for r in rows})
+    dense = (data.get("dense") or {}).get("perplexity")
+    lines = ["| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---:|" * len(ratios),
+             "| dense | " + " | ".join(fmt_ppl(dense) for _ in ratios) + " |"]
+    by_key = {(r["label"], r["target_ratio"]): r for r in rows}
+    for label in dict.fromkeys(r["label"] for r in rows):
+        lines.append(f"| {label} | " + " | ".join(fmt_ppl(by_key[label, x]["perplexity"]) if (label, x) in by_key
+                                                    else "—" for x in ratios) + " |")
+    return lines + [""]
+
+
+def perplexity_section(inputs: Inputs, out: Path) -> list[str]:
+    lines = ["## Perplexity (lower is better)", ""]
+    data = inputs.json("compare_methods.json")
+    if data is None:
+        return lines + not_measured("compare_methods.json")
+    s, dense = data["settings"], data.get("dense") or {}
+    rows = list(data.get("rows", {}).values())
+    lines += [f"Model {s['model']}. Held-out BoolQ dev passages ({s['eval']['source']}): first "
+              f"{s['eval']['windows']} windows of {s['eval']['seq_len']} tokens, BOS prepended and not scored, "
+              f"{dense.get('tokens', '?')} scored tokens. Calibration: {s['calibration']['num_samples']} windows of "
+              f"{s['calibration']['seq_len']} tokens from `{s['calibration']['source']}` (seed "
+              f"{s['calibration']['seed']}), the same for every method.", ""]
+    if not rows:
+        return lines + ["No compressed rows yet.", ""] + env_lines(data["environment"])
+    lines += perplexity_table(data)
+    gap = max(abs(r["achieved_ratio"] - r["target_ratio"]) for r in rows)
+    lines += [f"Achieved ratios are within {gap:.4f} of the targets. Cost per row (compression time, peak "
+              f"memory, ranks, saved size): [compare_methods.md]"
+              f"({Path(os.path.relpath(inputs.dir / 'compare_methods.md', out.parent)).as_posix()}).", ""]
+    lines += image(inputs, out, "compare_methods.png", "perplexity vs ratio")
+    lines += env_lines(data["environment"])
+    for extra in sorted(inputs.dir.glob("*/compare_methods.json")):
+        try:
+            more = json.loads(extra.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if more.get("rows"):
+            c = more["settings"]["calibration"]
+            lines += [f"### Extra run: `{extra.parent.name}` ({c['num_samples']} calibration windows of "
+                      f"{c['seq_len']})", ""] + perplexity_table(more) + [
+                      f"Command: `{more['environment'].get('command')}`; date {more['environment'].get('date')}.", ""]
+    return lines
+
+
+def zeroshot_section(inputs: Inputs, out: Path, ratio: float) -> list[str]:
+    lines = ["## Zero-shot accuracy (higher is better)", ""]
+    data = inputs.json("zeroshot.json")
+    if data is None:
+        return lines + not_measured("zeroshot.json")
+    s = data["settings"]
+    tasks = s["tasks"]
+    rows = sorted((r for r in data.get("rows", {}).values()
+                   if r["method"] == "dense" or abs(r["ratio"] - ratio) < 1e-9), key=lambda r: r.get("order", 1e9))
+    limit = f"the first {s['limit']} documents" if s.get("limit") else "all documents"
+    chance = [f"{t} {CHANCE[t.removeprefix('soco_')]:g}" for t in tasks if t.removeprefix("soco_") in CHANCE]
+    lines += [f"Model {s['model']}, lm-eval {s.get('num_fewshot', 0)}-shot, {limit} of each task; dense against every "
+              f"model at ratio {ratio:g}. Cells: accuracy ± standard error. Chance: {', '.join(chance) or '?'}.", "",
+              "| model | achieved ratio | " + " | ".join(tasks) + " |", "|---|---:|" + "---:|" * len(tasks)]
+    for r in rows:
+        ach = r.get("achieved_ratio")
+        lines.append(f"| {r['label']} | {'—' if ach is None else f'{ach:.3f}'} | "
+                     + " | ".join(acc_cell(r["tasks"].get(t)) for t in tasks) + " |")
+    if len(rows) <= 1:
+        lines.append(f"| (no model at ratio {ratio:g} yet) | | " + " | ".join("" for _ in tasks) + " |")
+    link = Path(os.path.relpath(inputs.dir / "zeroshot.md", out.parent)).as_posix()
+    lines += ["", f"Every ratio, and acc_norm: [zeroshot.md]({link}).", ""]
+    lines += image(inputs, out, "zeroshot_vs_ratio.png", "zero-shot accuracy vs ratio")
+    return lines + env_lines(data["environment"], f"; --limit {s.get('limit')}")
+
+
+def speed_section(inputs: Inputs, out: Path) -> list[str]:
+    lines = ["## Speed and memory (CPU)", ""]
+    data = inputs.json("speed_cpu.json")
+    if data is None:
+        lines += not_measured("speed_cpu.json")
+    else:
+        hw, st = data["hardware"], data["settings"]
+        lengths = [str(n) for n in st["prefill_lengths"]]
+        lines += ["| model | achieved ratio | " + " | ".join(f"prefill@{n} tok/s (×)" for n in lengths)
+                  + " | decode tok/s (×) | decode × by CPU time | decode limit × | weights MiB | peak MiB |",
+                  "|---|---:|" + "---:|" * (len(lengths) + 5)]
+        for r in data["results"]:
+            pre = " | ".join(f"{r['prefill_tok_s'][n]:.0f} ({r['prefill_speedup'][n]:.2f})" for n in lengths)
+            lines.append(f"| {r['label']} | {r['achieved_ratio']:.3f} | {pre} | {r['decode_tok_s']:.1f} "
+                         f"({r['decode_speedup']:.2f}) | {r['decode_speedup_cpu']:.2f} | {r['decode_limit']:.2f} | "
+                         f"{r['weight_bytes'] / 2**20:.1f} | {r['peak_mib']:.0f} |")
+        md = inputs.text("speed_cpu.md") or ""
+        found = re.search(r"Command: `([^`]+)`", md)
+        command = data.get("command") or (found.group(1) if found else "not recorded")
+        lines += ["", f"Batch 1, {hw.get('dtype', 'float32')}, device {st['device']}. Prefill: one forward pass over "
+                  f"the prompt. Decode: greedy generation after a {st['decode_prompt']}-token prompt, "
+                  f"{st['new_tokens']} new tokens, prefill excluded. Median of {st['repeats']} after {st['warmup']} "
+                  "warm-up, all models timed round-robin in one process; (×) = against dense in the same run. "
+                  "*decode limit ×*: dense / compressed weight bytes read per decode step, the speed-up if "
+                  "decoding were purely bandwidth-bound. *peak MiB*: weights + working memory of one prefill and "
+                  "decode run.", "",
+                  f"- command: `{command}`",
+                  f"- date: {data.get('date', 'not recorded in speed_cpu.json')}",
+                  f"- torch {hw.get('torch')}, transformers {hw.get('transformers')}, python {hw.get('python')}",
+                  f"- CPU: {hw.get('cpu')}, {hw.get('usable_cpus')} usable CPUs, torch threads "
+                  f"{hw.get('torch_threads')}; 1-min load average {hw.get('load_average_1min')} at start, "
+                  f"{hw.get('load_average_1min_end')} at end (a shared machine: absolute tok/s are indicative)", ""]
+        if found:
+            link = Path(os.path.relpath(inputs.dir / "speed_cpu.md", out.parent)).as_posix()
+            lines += [f"Notes on why decode stays below the limit: [speed_cpu.md]({link}).", ""]
+    lines += ["### One layer: dense vs factored vs merged", ""]
+    crossover = inputs.text("layer_crossover_cpu.md")
+    lines += [crossover.strip(), ""] if crossover else not_measured("layer_crossover_cpu.md")
+    lines += [f"The file does not record its command or date; to remake it: `{COMMANDS['layer_crossover_cpu.md']}`.",
+              ""] if crossover else []
+    return lines
+
+
+def ablation_section(inputs: Inputs) -> list[str]:
+    lines = ["## SoCo ablations", ""]
+    data = inputs.json("soco_ablation.json")
+    if data is None:
+        return lines + not_measured("soco_ablation.json")
+    lines += ["SoCo with the `--quick` preset at ratio 0.4, one change per row; perplexity on the first 24 "
+              "held-out windows of 512 tokens.", "",
+              "| variant | perplexity | achieved ratio | ranks | final KL | train (s) |",
+              "|---|---:|---:|---|---:|---:|"]
+    for name, r in data.get("variants", {}).items():
+        lines.append(f"| {name} | {fmt_ppl(r['perplexity'])} | {r['achieved']:.4f} | {r['rank_min']}–{r['rank_max']} "
+                     f"| {r['final_kl']:.3f} | {r['seconds']:.0f} |")
+    if data.get("export"):
+        lines += ["", "The full quick run, trained for 0.4, cut at other ratios without retraining (`soco export`):",
+                  "", "| ratio | perplexity | achieved |", "|---:|---:|---:|"]
+        for ratio, r in sorted(data["export"].items(), key=lambda kv: float(kv[0])):
+            lines.append(f"| {float(ratio):g} | {fmt_ppl(r['perplexity'])} | {r['achieved']:.4f} |")
+    return lines + ["", f"- command: `{data.get('command', 'not recorded')}`",
+                    f"- date: {data.get('date', 'not recorded')}; torch threads {data.get('threads', '?')}; load "
+                    f"average at start {data.get('load', '?')}", ""]
+
+
+def render(results_dir: Path, out: Path, zeroshot_ratio: float = 0.4) -> tuple[str, list[str]]:
+    """(Markdown text, missing or unreadable JSON inputs)."""
+    inputs = Inputs(results_dir)
+    rel = Path(os.path.relpath(results_dir, out.parent)).as_posix()
+    lines = ["# Results", "",
+             f"Generated by `python benchmarks/report.py` from the files in [{rel}]({rel}); do not edit by hand. "
+             "Each section names the command, versions, hardware and date of its measurement. See "
+             "benchmarks/README.md for what each script measures.", ""]
+    lines += ratio_section()
+    lines += perplexity_section(inputs, out)
+    lines += zeroshot_section(inputs, out, zeroshot_ratio)
+    lines += speed_section(inputs, out)
+    lines += ablation_section(inputs)
+    return "\n".join(lines).rstrip() + "\n", inputs.missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results", help="result files folder")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "RESULTS.md")
+    p.add_argument("--zeroshot-ratio", type=float, default=0.4, help="ratio of the zero-shot table (default 0.4)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if any result JSON is missing or the output is out of date")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.results.is_dir():
+        print(f"report.py: error: results folder {str(args.results)!r} not found", file=sys.stderr)
+        return 2
+    try:
+        text, missing = render(args.results, args.out, args.zeroshot_ratio)
+    except (KeyError, TypeError, ValueError) as e:
+        print(f"report.py: error: a result file has an unexpected structure ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
+    if args.check:
+        stale = not args.out.is_file() or args.out.read_text(encoding="utf-8") != text
+        for name in missing:
+            log.error("missing: %s (run: %s)", name, COMMANDS[name])
+        if stale:
+            log.error("%s is out of date; run: python benchmarks/report.py", args.out)
+        return 1 if missing or stale else 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, args.out)
+    log.info("wrote %s%s", args.out, f"; not measured yet: {', '.join(missing)}" if missing else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""benchmarks/report.py and benchmarks/zeroshot.py on small fixtures and a tiny random model; no network."""
+
+import importlib.util
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import tiny_model, tiny_tokenizer
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = load_script("report")
+zeroshot = load_script("zeroshot")
+
+ENV = {"date": "2026-01-02T03:04:05+00:00", "command": "python benchmarks/x.py --flag", "torch": "2.0", "transformers":
+       "5.0", "python": "3.11", "cpu": "Test CPU", "cpu_count": 2, "torch_threads": 2, "lm_eval": "0.4.13"}
+
+
+def acc(a, n=300):
+    return {"acc": a, "acc_stderr": 0.028, "acc_norm": a - 0.01, "acc_norm_stderr": 0.028, "n": n}
+
+
+def zeroshot_results():
+    rows = {"dense": {"key": "dense", "label": "dense", "method": "dense", "ratio": 0.0, "achieved_ratio": 0.0,
+                      "tasks": {"soco_piqa": acc(0.612), "soco_openbookqa": acc(0.31)}, "seconds": 100, "order": 0}}
+    for order, (label, ratio, a) in enumerate([("svd", 0.2, 0.52), ("svd", 0.4, 0.5), ("soco", 0.4, 0.58)], 1):
+        rows[f"{label}@{ratio:g}"] = {"key": f"{label}@{ratio:g}", "label": label, "method": label, "ratio": ratio,
+                                      "achieved_ratio": ratio + 0.001, "seconds": 90, "order": order,
+                                      "tasks": {"soco_piqa": acc(a), "soco_openbookqa": acc(0.26)}}
+    return {"version": 1, "environment": ENV, "rows": rows, "failures": [],
+            "settings": {"model": "Tiny", "tasks": ["soco_piqa", "soco_openbookqa"], "limit": 300, "num_fewshot": 0,
+                         "batch_size": 4, "calibration": {"num_samples": 32, "seq_len": 512, "seed": 0}}}
+
+
+def write_fixtures(d: Path) -> None:
+    def ppl_row(label, ratio, ppl, order):
+        return {"label": label, "target_ratio": ratio, "achieved_ratio": ratio + 0.001, "perplexity": ppl,
+                "order": order}
+
+    compare = {"version": 1, "environment": ENV, "dense": {"perplexity": 20.6, "tokens": 12264},
+               "settings": {"model": "Tiny", "eval": {"source": "bundled", "windows": 24, "seq_len": 512},
+                            "calibration": {"source": "bundled", "num_samples": 32, "seq_len": 512, "seed": 0}},
+               "rows": {"svd@0.4": ppl_row("svd", 0.4, 1.98e7, 0), "svd-llm@0.4": ppl_row("svd-llm", 0.4, 315.3, 1),
+                        "soco (quick)@0.4": ppl_row("soco (quick)", 0.4, 61.25, 2)}}
+    speed_row = {"prefill_tok_s": {"128": 211.0}, "prefill_speedup": {"128": 1.0}, "decode_tok_s": 10.1,
+                 "decode_speedup": 1.0, "decode_speedup_cpu": 1.0, "decode_limit": 1.0, "weight_bytes": 538060032,
+                 "peak_mib": 614.8}
+    speed = {"hardware": {"cpu": "Test CPU", "usable_cpus": 2, "torch_threads": 1, "torch": "2.0"},
+             "settings": {"prefill_lengths": [128], "decode_prompt": 128, "new_tokens": 64, "warmup": 1,
+                          "repeats": 5, "device": "cpu"},
+             "results": [{**speed_row, "label": "dense", "achieved_ratio": 0.0},
+                         {**speed_row, "label": "svd 0.4", "achieved_ratio": 0.401, "prefill_tok_s": {"128": 286.0},
+                          "prefill_speedup": {"128": 1.35}, "decode_limit": 1.46, "weight_bytes": 367633152}]}
+    ablation = {"command": "python benchmarks/soco_ablation.py", "date": "2026-01-02", "threads": 2, "load": [5.0],
+                "variants": {"stage 2 off": {"perplexity": 70.0, "achieved": 0.4, "rank_min": 3, "rank_max": 300,
+                                             "final_kl": 0.5, "seconds": 300}},
+                "export": {"0.2": {"perplexity": 30.0, "achieved": 0.2}}}
+    for name, obj in [("compare_methods.json", compare), ("zeroshot.json", zeroshot_results()),
+                      ("speed_cpu.json", speed), ("soco_ablation.json", ablation)]:
+        (d / name).write_text(json.dumps(obj))
+    (d / "compare_methods.png").write_bytes(b"\x89PNG")
+
+
+def test_report_renders_every_section(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
+    results.mkdir()
+    write_fixtures(results)
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "embeddings and LM head excluded" in text  # the ratio definition
+    assert "| dense | 20.6 |" in text and "| soco (quick) | 61.2 |" in text and "| svd | 1.98e+07 |" in text
+    assert "| soco | 0.401 | 0.580 ± 0.028 | 0.260 ± 0.028 |" in text and "| svd | 0.201 |" not in text
+    assert "| svd 0.4 | 0.401 | 286 (1.35) | 10.1 (1.00) | 1.00 | 1.46 | 350.6 | 615 |" in text
+    assert "| stage 2 off | 70 |" in text and "| 0.2 | 30 | 0.2000 |" in text
+    assert "![perplexity vs ratio](../results/compare_methods.png)" in text
+    assert "zeroshot_vs_ratio.png" not in text  # not produced in this fixture: no broken link
+    assert "`python benchmarks/x.py --flag`" in text and "lm_eval 0.4.13" in text and "2026-01-02T03:04:05" in text
+    assert "Not measured yet" in text  # only the layer crossover file is absent
+    assert report.main(["--results", str(results), "--out", str(out), "--check"]) == 0
+    (results / "soco_ablation.json").unlink()
+    assert report.main(["--results", str(results), "--out", str(out), "--check"]) == 1
+
+
+def test_report_missing_inputs_say_what_to_run(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    for script in ("compare_methods.py", "zeroshot.py", "speed.py", "soco_ablation.py", "layer_crossover.py"):
+        assert "Not measured yet: run `" in text and f"benchmarks/{script}" in text
+    assert report.main(["--results", str(tmp_path), "--out", str(out), "--check"]) == 1
+
+
+def test_zeroshot_table_and_plot(tmp_path):
+    results = zeroshot_results()
+    zeroshot.write_outputs(results, tmp_path)
+    md = (tmp_path / "zeroshot.md").read_text()
+    assert "| dense | dense | 0 | 0.000 | 0.612 ± 0.028 | 0.310 ± 0.028 | 100 |" in md
+    assert "soco_piqa (n=300)" in md and "acc_norm" in md and "soco_piqa 0.5, soco_openbookqa 0.25" in md
+    assert "`python benchmarks/x.py --flag`" in md
+    assert (tmp_path / "zeroshot_vs_ratio.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "zeroshot.json").read_text())["rows"].keys() == results["rows"].keys()
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("SOCO_LLM_CACHE", str(tmp_path / "cache"))
+
+
+def test_zeroshot_scores_tiny_models_and_resumes(tmp_path, offline):
+    pytest.importorskip("lm_eval")
+    import soco_llm
+
+    torch.set_num_threads(1)
+    saved = tmp_path / "tiny-svd"
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    soco_llm.save_compressed(model, tok, saved, soco_llm.compress(model, soco_llm.SVDConfig(ratio=0.5)))
+
+    def load(spec):  # the dense "default" model is a tiny random Llama; saved folders load for real
+        return (tiny_model("llama"), tiny_tokenizer()) if spec is None else soco_llm.load_model(spec)
+
+    out = tmp_path / "out"
+    argv = ["--methods", "svd", "--ratios", "0.4", "--models", f"tiny@0.5={saved}", "--tasks", "soco_piqa",
+            "--limit", "2", "--threads", "1", "--out-dir", str(out)]
+    assert zeroshot.main(argv, load=load) == 0
+    data = json.loads((out / "zeroshot.json").read_text())
+    assert list(data["rows"]) == ["dense", "svd@0.4", "tiny@0.5"]
+    for row in data["rows"].values():
+        piqa = row["tasks"]["soco_piqa"]
+        assert piqa["n"] == 2 and 0 <= piqa["acc"] <= 1 and "acc_stderr" in piqa
+    assert data["rows"]["tiny@0.5"]["method"] == "svd" and data["settings"]["limit"] == 2
+    assert data["environment"]["command"].startswith("python benchmarks/zeroshot.py --methods svd")
+    assert (out / "zeroshot.md").is_file() and (out / "zeroshot_vs_ratio.png").is_file()
+
+    def no_load(spec):
+        raise AssertionError("--resume should not reload finished models")
+
+    assert zeroshot.main(argv + ["--resume"], load=no_load) == 0
