@@ -4,7 +4,7 @@
     python benchmarks/report.py --check    # write nothing; exit 1 if a result JSON is missing or RESULTS.md is stale
 
 Inputs: compare_methods.json (perplexity), zeroshot.json (accuracy), speed_cpu.json (speed and
-memory), layer_crossover_cpu.md, soco_ablation.json, and compare_methods.json in any subfolder
+memory), layer_crossover_cpu.md, soco_bench.json, and compare_methods.json in any subfolder
 (extra runs). A missing input gives a "not measured yet: run <command>" line in its section.
 The output has no generation date, so it changes only when the inputs change.
 """
@@ -29,7 +29,7 @@ COMMANDS = {
                      "--tasks soco_piqa soco_openbookqa --limit 300",
     "speed_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/speed.py --ratios 0.2 0.4 0.6 --threads 1 "
                       "--json benchmarks/results/speed_cpu.json --markdown benchmarks/results/speed_cpu.md",
-    "soco_ablation.json": "python benchmarks/soco_ablation.py",
+    "soco_bench.json": "python benchmarks/soco_bench.py",
     "layer_crossover_cpu.md": "python benchmarks/layer_crossover.py --threads 1 "
                               "--markdown benchmarks/results/layer_crossover_cpu.md",
 }
@@ -231,26 +231,15 @@ def speed_section(inputs: Inputs, out: Path) -> list[str]:
     return lines
 
 
-def ablation_section(inputs: Inputs) -> list[str]:
-    lines = ["## SoCo ablations", ""]
-    data = inputs.json("soco_ablation.json")
-    if data is None:
-        return lines + not_measured("soco_ablation.json")
-    lines += ["SoCo with the `--quick` preset at ratio 0.4, one change per row; perplexity on the first 24 "
-              "held-out windows of 512 tokens.", "",
-              "| variant | perplexity | achieved ratio | ranks | final KL | train (s) |",
-              "|---|---:|---:|---|---:|---:|"]
-    for name, r in data.get("variants", {}).items():
-        lines.append(f"| {name} | {fmt_ppl(r['perplexity'])} | {r['achieved']:.4f} | {r['rank_min']}–{r['rank_max']} "
-                     f"| {r['final_kl']:.3f} | {r['seconds']:.0f} |")
-    if data.get("export"):
-        lines += ["", "The full quick run, trained for 0.4, cut at other ratios without retraining (`soco export`):",
-                  "", "| ratio | perplexity | achieved |", "|---:|---:|---:|"]
-        for ratio, r in sorted(data["export"].items(), key=lambda kv: float(kv[0])):
-            lines.append(f"| {float(ratio):g} | {fmt_ppl(r['perplexity'])} | {r['achieved']:.4f} |")
-    return lines + ["", f"- command: `{data.get('command', 'not recorded')}`",
-                    f"- date: {data.get('date', 'not recorded')}; torch threads {data.get('threads', '?')}; load "
-                    f"average at start {data.get('load', '?')}", ""]
+def soco_section(inputs: Inputs) -> list[str]:
+    """benchmarks/soco_bench.py renders its own table; embed it under this report's heading."""
+    lines = ["## SoCo: main rows, ablations, other ratios from one run", ""]
+    data = inputs.json("soco_bench.json")
+    text = inputs.text("soco_bench.md")
+    if data is None or text is None:
+        return lines + not_measured("soco_bench.json")
+    body = text.split("\n", 1)[1] if text.startswith("# ") else text  # drop its title
+    return lines + [body.strip(), ""]
 
 
 def render(results_dir: Path, out: Path, zeroshot_ratio: float = 0.4) -> tuple[str, list[str]]:
@@ -265,7 +254,7 @@ def render(results_dir: Path, out: Path, zeroshot_ratio: float = 0.4) -> tuple[s
     lines += perplexity_section(inputs, out)
     lines += zeroshot_section(inputs, out, zeroshot_ratio)
     lines += speed_section(inputs, out)
-    lines += ablation_section(inputs)
+    lines += soco_section(inputs)
     return "\n".join(lines).rstrip() + "\n", inputs.missing
 
 

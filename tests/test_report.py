@@ -62,12 +62,10 @@ def write_fixtures(d: Path) -> None:
              "results": [{**speed_row, "label": "dense", "achieved_ratio": 0.0},
                          {**speed_row, "label": "svd 0.4", "achieved_ratio": 0.401, "prefill_tok_s": {"128": 286.0},
                           "prefill_speedup": {"128": 1.35}, "decode_limit": 1.46, "weight_bytes": 367633152}]}
-    ablation = {"command": "python benchmarks/soco_ablation.py", "date": "2026-01-02", "threads": 2, "load": [5.0],
-                "variants": {"stage 2 off": {"perplexity": 70.0, "achieved": 0.4, "rank_min": 3, "rank_max": 300,
-                                             "final_kl": 0.5, "seconds": 300}},
-                "export": {"0.2": {"perplexity": 30.0, "achieved": 0.2}}}
+    soco = {"command": "python benchmarks/soco_bench.py", "rows": {}}
+    (d / "soco_bench.md").write_text("# SoCo on the default model\n\n| row | ratio |\n|---|---:|\n| stage 2 off @ 0.4 | 0.40 |\n")
     for name, obj in [("compare_methods.json", compare), ("zeroshot.json", zeroshot_results()),
-                      ("speed_cpu.json", speed), ("soco_ablation.json", ablation)]:
+                      ("speed_cpu.json", speed), ("soco_bench.json", soco)]:
         (d / name).write_text(json.dumps(obj))
     (d / "compare_methods.png").write_bytes(b"\x89PNG")
 
@@ -82,13 +80,13 @@ def test_report_renders_every_section(tmp_path):
     assert "| dense | 20.6 |" in text and "| soco (quick) | 61.2 |" in text and "| svd | 1.98e+07 |" in text
     assert "| soco | 0.401 | 0.580 ± 0.028 | 0.260 ± 0.028 |" in text and "| svd | 0.201 |" not in text
     assert "| svd 0.4 | 0.401 | 286 (1.35) | 10.1 (1.00) | 1.00 | 1.46 | 350.6 | 615 |" in text
-    assert "| stage 2 off | 70 |" in text and "| 0.2 | 30 | 0.2000 |" in text
+    assert "| stage 2 off @ 0.4 | 0.40 |" in text and "# SoCo on the default model" not in text
     assert "![perplexity vs ratio](../results/compare_methods.png)" in text
     assert "zeroshot_vs_ratio.png" not in text  # not produced in this fixture: no broken link
     assert "`python benchmarks/x.py --flag`" in text and "lm_eval 0.4.13" in text and "2026-01-02T03:04:05" in text
     assert "Not measured yet" in text  # only the layer crossover file is absent
     assert report.main(["--results", str(results), "--out", str(out), "--check"]) == 0
-    (results / "soco_ablation.json").unlink()
+    (results / "soco_bench.json").unlink()
     assert report.main(["--results", str(results), "--out", str(out), "--check"]) == 1
 
 
@@ -96,7 +94,7 @@ def test_report_missing_inputs_say_what_to_run(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
     text = out.read_text()
-    for script in ("compare_methods.py", "zeroshot.py", "speed.py", "soco_ablation.py", "layer_crossover.py"):
+    for script in ("compare_methods.py", "zeroshot.py", "speed.py", "soco_bench.py", "layer_crossover.py"):
         assert "Not measured yet: run `" in text and f"benchmarks/{script}" in text
     assert report.main(["--results", str(tmp_path), "--out", str(out), "--check"]) == 1
 

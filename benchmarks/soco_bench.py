@@ -1,0 +1,161 @@
+"""SoCo on the bundled default model: main rows, ablations, and other ratios from one run.
+
+    python benchmarks/soco_bench.py                        # everything below; --resume skips finished rows
+    python benchmarks/soco_bench.py --full-ratios 0.4 --quick-ratios 0.2 0.6 --no-ablation
+
+Rows (each in a fresh subprocess, so wall time and peak RSS are its own):
+  soco @ r          the default SoCoConfig (160 steps of 4×256 tokens), `soco compress --method soco`
+  soco quick @ r    the --quick preset (60 steps of 2×256 tokens)
+  ablations @ 0.4   --quick with one change: a stage off (its steps go to a neighbour), the
+                    deviation bias d off, or the plain basis instead of the whitened one
+  export @ r        the quick 0.4 run cut at r without retraining (`soco export`)
+Perplexity: the first 24 held-out windows of 512 tokens (BoolQ dev passages, BOS prepended),
+as in benchmarks/compare_methods.py. Writes benchmarks/results/soco_bench.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OUT = Path(__file__).parent / "results"
+ABLATION_RATIO = 0.4
+
+
+def ablations(quick: dict) -> dict[str, dict]:
+    from soco_llm.soco import SoCoConfig
+
+    s1, s2, s3 = SoCoConfig(ratio=ABLATION_RATIO, **quick).stages()
+    return {"stage 1 off": {"stage_steps": [0, s1 + s2, s3]}, "stage 2 off": {"stage_steps": [s1 + s2, 0, s3]},
+            "stage 3 off": {"stage_steps": [s1, s2 + s3, 0]}, "deviation d off": {"deviation": False},
+            "plain basis": {"basis": "plain"}}
+
+
+def run_row(spec: dict) -> dict:
+    """One row, in this (child) process."""
+    import torch
+
+    import soco_llm
+    from soco_llm.soco import SoCoConfig
+
+    torch.set_num_threads(spec["threads"])
+    if spec.get("export_from"):
+        start = time.perf_counter()
+        model, tok, report = soco_llm.export_from_run(spec["export_from"], spec["ratio"])
+    else:
+        model, tok = soco_llm.load_model()
+        cfg = SoCoConfig(ratio=spec["ratio"], **spec["settings"])
+        calib = soco_llm.calibration_windows(tok, "bundled", cfg.num_samples, cfg.seq_len, cfg.seed)
+        start = time.perf_counter()
+        report = soco_llm.compress(model, cfg, calib)
+    seconds = time.perf_counter() - start
+    ppl = soco_llm.evaluate_perplexity(model, tok)
+    ranks = [r["rank"] for r in report.layers]
+    final = report.config.get("final_train") or {}
+    return {"ratio": spec["ratio"], "perplexity": ppl.perplexity, "tokens": ppl.tokens,
+            "achieved": report.achieved_ratio, "seconds": seconds, "rank_min": min(ranks), "rank_max": max(ranks),
+            "final_kl": final.get("kl"), "settings": spec.get("settings", {}),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def render(res: dict) -> str:
+    env = res["environment"]
+    lines = ["# SoCo on the default model", "",
+             f"Command: `{res['command']}`  ", f"{env['date']}; torch {env['torch']}, transformers {env['transformers']}, "
+             f"{env['cpu']}, {env['threads']} torch threads; load average at start {env['load']} "
+             "(a shared machine: times are indicative).", "",
+             "Perplexity on the first 24 held-out windows of 512 tokens (BoolQ dev passages, BOS prepended).",
+             "Ratio = 1 − new/old over decoder-block linears (embeddings and LM head excluded); SoCo's bias d "
+             "counts m per compressed layer.", "",
+             "| row | ratio | perplexity | achieved | ranks | final KL | time (s) | peak RSS (MiB) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for name, r in res["rows"].items():
+        kl = f"{r['final_kl']:.3f}" if r.get("final_kl") is not None else ""
+        lines.append(f"| {name} | {r['ratio']:.2f} | {r['perplexity']:.1f} | {r['achieved']:.4f} | "
+                     f"{r['rank_min']}–{r['rank_max']} | {kl} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |")
+    lines += ["", "Rows: `soco` = default SoCoConfig (160 steps of 4×256 tokens); `quick` = --quick preset "
+              "(60 steps of 2×256); ablations are quick runs at 0.4 with one change; `export` rows cut the quick "
+              "0.4 run at another ratio without retraining. `time` is compress() (teacher cache, basis, training, "
+              "cut) or the export, not model loading or evaluation."]
+    return "\n".join(lines) + "\n"
+
+
+def environment(threads: int) -> dict:
+    import torch
+    import transformers
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu": platform.processor() or platform.machine(),
+            "threads": threads, "load": [round(x, 1) for x in os.getloadavg()]}
+
+
+def atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full-ratios", nargs="*", type=float, default=[0.4])
+    ap.add_argument("--quick-ratios", nargs="*", type=float, default=[0.2, 0.4, 0.6])
+    ap.add_argument("--no-ablation", dest="ablation", action="store_false")
+    ap.add_argument("--export-ratios", nargs="*", type=float, default=[0.2, 0.3, 0.5, 0.6])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--out-dir", type=Path, default=OUT)
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    if args.row:
+        print("ROW " + json.dumps(run_row(json.loads(args.row))))
+        return 0
+    from soco_llm.soco import QUICK
+
+    path = args.out_dir / "soco_bench.json"
+    res = json.loads(path.read_text()) if args.resume and path.is_file() else {"rows": {}}
+    res.update(command="python benchmarks/soco_bench.py " + " ".join(sys.argv[1:]), environment=environment(args.threads))
+    work = Path(tempfile.mkdtemp(prefix="soco-bench-"))
+    quick_run = work / "quick-0.4.run"
+    plan: list[tuple[str, dict]] = [(f"soco @ {r}", {"ratio": r, "settings": {}}) for r in args.full_ratios]
+    for r in args.quick_ratios:
+        settings = dict(QUICK, run_dir=str(quick_run)) if r == ABLATION_RATIO else dict(QUICK)
+        plan.append((f"soco quick @ {r}", {"ratio": r, "settings": settings}))
+    if args.ablation:
+        plan += [(f"{name} @ {ABLATION_RATIO}", {"ratio": ABLATION_RATIO, "settings": {**QUICK, **s}})
+                 for name, s in ablations(QUICK).items()]
+    plan += [(f"export @ {r}", {"ratio": r, "export_from": str(quick_run)}) for r in args.export_ratios]
+    for name, spec in plan:
+        needs_quick_run = spec.get("export_from") or spec["settings"].get("run_dir")
+        if name in res["rows"] and not (needs_quick_run and not quick_run.exists()):
+            continue
+        if spec.get("export_from") and not quick_run.exists():
+            logging.warning("skipping %s: needs the quick 0.4 run (add 0.4 to --quick-ratios)", name)
+            continue
+        spec["threads"] = args.threads
+        logging.info("row %s", name)
+        out = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
+        if out.returncode != 0:
+            logging.error("row %s failed (exit %d)", name, out.returncode)
+            continue
+        row = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("ROW "))[4:])
+        row["settings"].pop("run_dir", None)
+        res["rows"][name] = row
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_json(path, res)
+        (args.out_dir / "soco_bench.md").write_text(render(res))
+    print(render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
