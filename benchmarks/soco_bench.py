@@ -80,8 +80,12 @@ def render(res: dict) -> str:
              "|---|---:|---:|---:|---|---:|---:|---:|"]
     for name, r in res["rows"].items():
         kl = f"{r['final_kl']:.3f}" if r.get("final_kl") is not None else ""
+        rss = f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") is not None else "not measured"
         lines.append(f"| {name} | {r['ratio']:.2f} | {r['perplexity']:.1f} | {r['achieved']:.4f} | "
-                     f"{r['rank_min']}–{r['rank_max']} | {kl} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |")
+                     f"{r['rank_min']}–{r['rank_max']} | {kl} | {r['seconds']:.0f} | {rss} |")
+    notes = [f"- {name}: {r['note']}" for name, r in res["rows"].items() if r.get("note")]
+    if notes:
+        lines += ["", *notes]
     lines += ["", "Rows: `soco` = default SoCoConfig (160 steps of 4×256 tokens); `quick` = --quick preset "
               "(60 steps of 2×256); ablations are quick runs at 0.4 with one change; `export` rows cut the quick "
               "0.4 run at another ratio without retraining. `time` is compress() (teacher cache, basis, training, "
@@ -113,6 +117,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=OUT)
+    ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -122,6 +127,9 @@ def main() -> int:
     from soco_llm.soco import QUICK
 
     path = args.out_dir / "soco_bench.json"
+    if args.render_only:
+        (args.out_dir / "soco_bench.md").write_text(render(json.loads(path.read_text())))
+        return 0
     res = json.loads(path.read_text()) if args.resume and path.is_file() else {"rows": {}}
     res.update(command="python benchmarks/soco_bench.py " + " ".join(sys.argv[1:]), environment=environment(args.threads))
     work = Path(tempfile.mkdtemp(prefix="soco-bench-"))
