@@ -19,6 +19,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_methods import fmt_ppl  # noqa: E402  one number format for every table
+
 log = logging.getLogger("report")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,18 +65,6 @@ class Inputs:
 
 def not_measured(name: str) -> list[str]:
     return [f"*Not measured yet: run `{COMMANDS[name]}`.*", ""]
-
-
-def fmt_ppl(x: float | None) -> str:
-    if x is None:
-        return "—"
-    if x != x or x == float("inf"):
-        return str(x)
-    if x >= 1e5:
-        return f"{x:.2e}"
-    if x >= 1000:
-        return f"{x:.0f}"
-    return f"{x:.1f}" if x >= 100 else f"{x:.3g}"
 
 
 def acc_cell(metrics: dict | None, key: str = "acc") -> str:
