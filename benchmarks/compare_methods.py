@@ -3,7 +3,8 @@
     python benchmarks/compare_methods.py --ratios 0.2 0.4 0.6 --methods svd fwsvd asvd svd-llm --sequential
 
 The parent process loads the dense model once, scores its perplexity on the held-out passages
-and cuts the calibration windows (shared by every row). Each method x ratio then runs in a
+and cuts the calibration windows (shared by every row; a trained method such as SoCo draws its
+own num_samples × seq_len windows from the same passages and seed). Each method x ratio then runs in a
 fresh child process (this script with --single): reload the dense model from the safetensors
 cache, compress, score. Fresh processes keep the rows independent and make peak RSS a
 per-row figure. Each finished row is checkpointed atomically into <out-dir>/compare_methods.json,
@@ -11,7 +12,13 @@ so `--resume` continues an interrupted run. Outputs: compare_methods.{json,md,pn
 
 Rows are named methods from `soco_llm.config.METHODS`, so any method registered there (e.g.
 `soco`) runs through the same `config_for` / `compress` calls; `--set METHOD.FIELD=VALUE`
-passes method settings, `--plugin MODULE` imports a module that registers more methods.
+passes method settings, `--methods soco soco-plain=soco --set soco-plain.basis=plain` adds a
+second, labelled row of one method, `--plugin MODULE` imports a module that registers more methods.
+
+SoCo side by side with the baselines (issue 3's benchmark; see benchmarks/README.md):
+
+    python benchmarks/compare_methods.py --methods svd-llm asvd soco soco-plain=soco \
+        --set soco-plain.basis='"plain"' --ratios 0.2 0.4 0.6 --size-row '' --out-dir benchmarks/results/soco
 """
 
 from __future__ import annotations
@@ -90,12 +97,14 @@ def build_rows(methods: list[str], sequential: bool, settings: dict[str, dict]) 
     from soco_llm.config import METHODS
 
     rows = []
-    for m in methods:
+    for item in methods:
+        label, _, m = item.rpartition("=")  # "soco-plain=soco": a second row of one method, own --set
+        label = label or m
         ensure_method(m)
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; registered: {', '.join(sorted(METHODS))} "
                              "(use --plugin MODULE for a method registered elsewhere)")
-        rows.append(RowSpec(m, m, dict(settings.get(m, {}))))
+        rows.append(RowSpec(label, m, dict(settings.get(label, {}))))
     if sequential:
         rows.append(RowSpec("svd-llm (seq)", "svd-llm", {**settings.get("svd-llm", {}), "sequential": True}))
     return rows
@@ -112,6 +121,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def shown_path(p) -> str:
+    """Repo-relative when inside the repo, so committed results name no machine-specific folder."""
+    p = Path(p).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
 
 
 def mib(nbytes: float) -> float:
@@ -304,6 +319,9 @@ def run_single(job_path: Path) -> None:
         torch.set_num_threads(job["threads"])
     ensure_method(job["method"])
     config = soco_llm.config_for(job["method"], ratio=job["ratio"], **job["settings"])
+    if job.get("save_dir") and getattr(config, "run_dir", "unset") is None:
+        # a trained method keeps its run too (checkpoints, scores: `soco export` cuts it at other ratios)
+        config.run_dir, config.resume = str(Path(job["save_dir"]) / f"{job['key']}.run"), True
     calib = torch.load(job["calib_path"])
     c = job["calibration"]
     calib_cfg = CalibrationConfig(c["source"], c["num_samples"], c["seq_len"], c["seed"], c["batch_size"])
@@ -311,6 +329,9 @@ def run_single(job_path: Path) -> None:
     t0 = time.perf_counter()
     model, tok = soco_llm.load_model()
     load_s = time.perf_counter() - t0
+    own = {k: getattr(config, k) for k in ("num_samples", "seq_len") if hasattr(config, k)}
+    if own:  # a trained method (SoCo) samples its own windows, from the same passages and seed
+        calib = soco_llm.calibration_windows(tok, c["source"], seed=c["seed"], **own)
     inventory = decoder_linear_inventory(model)
     rss_before = RSSSampler().proc.memory_info().rss
 
@@ -333,7 +354,8 @@ def run_single(job_path: Path) -> None:
         "label": job["label"],
         "method": job["method"],
         "settings": job["settings"],
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), **({"run_dir": shown_path(config.run_dir)} if getattr(config, "run_dir", None) else {})},
+        "calibration": {"num_samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
         "target_ratio": job["ratio"],
         "achieved_ratio": 1.0 - new / old,
         "report_achieved_ratio": report.achieved_ratio,
@@ -363,6 +385,9 @@ def run_single(job_path: Path) -> None:
     }
     if job.get("measure_size"):
         row["saved_size"] = saved_size(model, tok, report, list(inventory))
+    if job.get("save_dir"):  # keep the compressed model, e.g. for benchmarks/zeroshot.py --models
+        row["saved_to"] = shown_path(soco_llm.save_compressed(model, tok, Path(job["save_dir"]) / job["key"], report,
+                                                              overwrite=True))
     row["child_s"] = round(time.perf_counter() - t_start, 2)
     atomic_write_json(Path(job["result"]), row)
 
@@ -534,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["svd", "fwsvd", "asvd", "svd-llm"],
-                   help="registered method names (soco_llm.config.METHODS); default: svd fwsvd asvd svd-llm")
+                   help="registered method names (soco_llm.config.METHODS), or LABEL=METHOD for another row of a "
+                        "method with its own --set LABEL.FIELD=VALUE; default: svd fwsvd asvd svd-llm")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
     p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length (default 512)")
@@ -547,11 +573,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--sequential", action="store_true", help="add the row 'svd-llm (seq)': SVD-LLM, sequential=True")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.FIELD=VALUE",
-                   help="a method setting, e.g. --set asvd.alpha=1.0 (JSON value); repeatable")
+                   help="a row setting, e.g. --set asvd.alpha=1.0 (JSON value; METHOD is the row's label); repeatable")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (it may register more methods); repeatable")
     p.add_argument("--size-row", default="svd-llm@0.4",
                    help="LABEL@RATIO of the row whose saved size is measured ('' for none; default svd-llm@0.4)")
+    p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
+                   help="also save every compressed model to DIR/LABEL@RATIO (replacing an earlier one)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--resume", action="store_true", help="skip rows already in <out-dir>/compare_methods.json")
@@ -634,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
             job = {"key": key, "label": spec.label, "method": spec.method, "settings": spec.settings, "ratio": r,
                    "calib_path": str(calib_path), "calibration": settings["calibration"],
                    "eval": settings["eval"], "threads": args.threads, "plugins": args.plugin,
-                   "measure_size": key == args.size_row}
+                   "measure_size": key == args.size_row,
+                   "save_dir": str(args.save_models.resolve()) if args.save_models else None}
             try:
                 row = run_child(job, work, args.quiet)
             except RuntimeError as e:

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -68,6 +68,8 @@ class SoCoConfig(CompressionConfig):
     lr_scores: float = 5e-3
     lr_bias: float = 1e-3
     deviation: bool = True  # train the deviation bias d
+    straight_through: bool = True  # stage 3 forwards the exact cut; gradients pass through the soft gate
+    blockwise: bool = False  # one decoder block at a time against the dense block (soco_blockwise.py); steps per block
     temperature: float = 0.3  # gate temperature (in log-importance units) in stages 1-2
     final_temperature: float = 0.02  # reached at the end of stage 3
     alternate_every: int = 4  # stage 2: steps per half-swing of the budget
@@ -166,35 +168,34 @@ def _prior(sigma: torch.Tensor, r: int) -> torch.Tensor:
     return (sigma / edge.clamp_min(1e-30)).float()
 
 
+def basis_entry(target: Target, cfg: SoCoConfig, stats: LayerStats | None) -> dict[str, torch.Tensor]:
+    """One target's basis (left, sigma, right, prior, bias), capped at the largest useful rank."""
+    m, n = target.shape
+    w = linear_weight(target.module).detach()
+    method = SVDLLMConfig(ratio=cfg.ratio) if cfg.basis == "whitened" else SVDConfig(ratio=cfg.ratio)
+    spec = spectrum(method, w, stats, target.name)
+    k = max(max_useful_rank(m, n, m if cfg.deviation else 0), 1) if cfg.cap_basis else spec.sigma.numel()
+    entry = {"left": spec.left[:, :k].to(w.dtype).contiguous(), "sigma": spec.sigma[:k].to(w.dtype),
+             "right": spec.right[:k].to(w.dtype).contiguous(),
+             "prior": _prior(spec.sigma[:k], uniform_rank(m, n, cfg.ratio))}
+    if getattr(target.module, "bias", None) is not None:
+        entry["bias"] = target.module.bias.detach().clone()
+    return entry
+
+
 def decompose_targets(model: nn.Module, cfg: SoCoConfig, targets: list[Target],
                       windows: torch.Tensor | None) -> dict[str, dict[str, torch.Tensor]]:
-    """The basis of every target (left, sigma, right, prior, bias), computed one block at a time."""
-    basis: dict[str, dict[str, torch.Tensor]] = {}
+    """The basis of every target, computed one block at a time."""
     by_name = {t.name: t for t in targets}
-    method = SVDLLMConfig(ratio=cfg.ratio) if cfg.basis == "whitened" else SVDConfig(ratio=cfg.ratio)
-
-    def one(name: str, stats: LayerStats | None) -> None:
-        t = by_name[name]
-        m, n = t.shape
-        w = linear_weight(t.module).detach()
-        spec = spectrum(method, w, stats, name)
-        k = max(max_useful_rank(m, n, m if cfg.deviation else 0), 1) if cfg.cap_basis else spec.sigma.numel()
-        entry = {"left": spec.left[:, :k].to(w.dtype).contiguous(), "sigma": spec.sigma[:k].to(w.dtype),
-                 "right": spec.right[:k].to(w.dtype).contiguous(),
-                 "prior": _prior(spec.sigma[:k], uniform_rank(m, n, cfg.ratio))}
-        if getattr(t.module, "bias", None) is not None:
-            entry["bias"] = t.module.bias.detach().clone()
-        basis[name] = entry
-
-    if cfg.basis == "whitened":
-        if windows is None:
-            raise SocoError("the whitened basis needs calibration windows")
-        batches = list(windows[: cfg.whiten_samples].split(cfg.batch_size))
-        BlockRunner(model, targets, batches).run(lambda i, b, stats: [one(n, s) for n, s in stats.items()],
-                                                 {"xtx"}, desc="soco basis")
-    else:
-        for t in tqdm(targets, desc="soco basis"):
-            one(t.name, None)
+    if cfg.basis == "plain":
+        return {t.name: basis_entry(t, cfg, None) for t in tqdm(targets, desc="soco basis")}
+    if windows is None:
+        raise SocoError("the whitened basis needs calibration windows")
+    basis: dict[str, dict[str, torch.Tensor]] = {}
+    batches = list(windows[: cfg.whiten_samples].split(cfg.batch_size))
+    BlockRunner(model, targets, batches).run(
+        lambda i, b, stats: basis.update({n: basis_entry(by_name[n], cfg, s) for n, s in stats.items()}),
+        {"xtx"}, desc="soco basis")
     return basis
 
 
@@ -251,7 +252,7 @@ class SizeModel:
 
     def soft(self) -> torch.Tensor:
         """Differentiable soft size (parameters), through the gates."""
-        return sum((l.out_features + l.in_features) * l.gate().sum() for l in self.layers.values()) + self.fixed
+        return sum((l.out_features + l.in_features) * l.soft_gate().sum() for l in self.layers.values()) + self.fixed
 
     def solve_threshold(self, budget: float, temperature: float) -> float:
         """log θ such that Σ cost·sigmoid((log I − log θ)/T) + fixed = budget (bisection)."""
@@ -323,14 +324,36 @@ def load_checkpoint(run_dir: Path, layers: dict[str, SpectralLinear], opt: torch
 # --------------------------------------------------------------------------- training
 
 
+BatchLoss = Callable[[torch.Generator, int, int], torch.Tensor]  # (step generator, rank, world) -> loss
+
+
+def kl_batch_loss(model: nn.Module, windows: torch.Tensor, teacher: Teacher, batch_size: int) -> BatchLoss:
+    """KL to the cached teacher on `batch_size` windows drawn by the step's generator (split over ranks)."""
+    device = next(model.parameters()).device
+
+    def loss(gen: torch.Generator, rank: int, world: int) -> torch.Tensor:
+        idx = torch.randint(0, windows.shape[0], (batch_size,), generator=gen)[rank::world]
+        logits = model(input_ids=windows[idx].to(device), use_cache=False).logits
+        return kl_to_teacher(logits, teacher.top_logp[idx].to(device), teacher.top_idx[idx].to(device),
+                             teacher.rest_logp[idx].to(device))
+    return loss
+
+
 def train(model: nn.Module, layers: dict[str, SpectralLinear], gate: GateState, windows: torch.Tensor,
           teacher: Teacher, cfg: SoCoConfig, run_dir: Path | None) -> list[dict]:
+    """The whole-model run: scores and biases of every layer trained by KL to the dense model."""
+    model.eval()  # no dropout: the student must match the teacher's deterministic pass
+    for p in model.parameters():
+        p.requires_grad_(False)  # only scores and biases train (train_scores turns those on)
+    return train_scores(layers, gate, kl_batch_loss(model, windows, teacher, cfg.batch_size), cfg, run_dir)
+
+
+def train_scores(layers: dict[str, SpectralLinear], gate: GateState, batch_loss: BatchLoss, cfg: SoCoConfig,
+                 run_dir: Path | None, desc: str = "soco") -> list[dict]:
+    """The three-stage schedule over `layers`' scores and biases; `batch_loss` is the distillation term."""
     rank, world = _world()
     if cfg.batch_size % world:
         raise SocoError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    device = next(model.parameters()).device
-    for p in model.parameters():
-        p.requires_grad_(False)
     scores = [l.scores for l in layers.values()]
     deltas = [l.delta for l in layers.values()]
     for p in scores + (deltas if cfg.deviation else []):
@@ -345,26 +368,24 @@ def train(model: nn.Module, layers: dict[str, SpectralLinear], gate: GateState, 
     if cfg.resume and run_dir is not None and (run_dir / "checkpoint.json").is_file():
         start, history = load_checkpoint(run_dir, layers, opt)
         log.info("resumed from step %d in %s", start, run_dir)
-    model.eval()  # no dropout: the student must match the teacher's deterministic pass
-    bar = tqdm(range(start, cfg.steps), desc="soco", initial=start, total=cfg.steps, disable=rank != 0)
+    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=rank != 0)
     step = start
     try:
         for step in bar:
             p = plan(cfg, step, full_frac)
             gate.temperature = p.temperature
             gate.log_theta = size.solve_threshold(p.keep_frac * size.dense, p.temperature)
+            gate.hard = cfg.straight_through and p.stage == 3
+            if gate.hard:  # train the very model the final cut will save
+                set_masks(layers, kept_components(layers, cfg.ratio, cfg.deviation))
             # Each step's batch comes from a generator seeded by (seed, step): resuming needs only the step.
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            idx = torch.randint(0, windows.shape[0], (cfg.batch_size,), generator=gen)[rank::world]
-            logits = model(input_ids=windows[idx].to(device), use_cache=False).logits
-            kl = kl_to_teacher(logits, teacher.top_logp[idx].to(device), teacher.top_idx[idx].to(device),
-                               teacher.rest_logp[idx].to(device))
+            kl = batch_loss(torch.Generator().manual_seed(cfg.seed * 1_000_003 + step), rank, world)
             soft_frac = size.soft() / size.dense
             size_loss = cfg.size_weight * (soft_frac - p.keep_frac) ** 2
             loss = kl + size_loss
             pol = torch.zeros(())
             if p.polarize > 0 or p.sparsity > 0:
-                gates = torch.cat([l.gate() for l in layers.values()])
+                gates = torch.cat([l.soft_gate() for l in layers.values()])
                 pol = (gates * (1 - gates)).mean()
                 off = torch.cat([l.scores.abs() * (l.gate().detach() < 0.5) for l in layers.values()]).mean()
                 loss = loss + p.polarize * pol + p.sparsity * off
@@ -395,6 +416,7 @@ def train(model: nn.Module, layers: dict[str, SpectralLinear], gate: GateState, 
     finally:
         for q in scores + deltas:
             q.requires_grad_(False)
+        gate.hard = False
     return history
 
 
@@ -402,12 +424,25 @@ def train(model: nn.Module, layers: dict[str, SpectralLinear], gate: GateState, 
 
 
 @torch.no_grad()
+def kept_components(layers: dict[str, SpectralLinear], ratio: float, deviation: bool) -> dict[str, list[int]]:
+    """The global cut by learned importance at the exact parameter budget of `ratio`."""
+    shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
+    budget = int(math.floor((1.0 - ratio) * sum(m * n for m, n in shapes.values())))
+    return global_cut({n: l.importance() for n, l in layers.items()}, shapes, budget, bias_per_layer=deviation)
+
+
+@torch.no_grad()
+def set_masks(layers: dict[str, SpectralLinear], kept: dict[str, list[int]]) -> None:
+    for name, l in layers.items():
+        l.mask.zero_()
+        l.mask[torch.tensor(kept[name], dtype=torch.long)] = 1.0
+
+
+@torch.no_grad()
 def cut(model: nn.Module, layers: dict[str, SpectralLinear], ratio: float, deviation: bool) -> list[LayerRank]:
     """Global cut by learned importance to the exact budget; fold √(σ·s) and d; swap in LowRankLinear."""
     shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
-    old = sum(m * n for m, n in shapes.values())
-    budget = int(math.floor((1.0 - ratio) * old))
-    kept = global_cut({n: l.importance() for n, l in layers.items()}, shapes, budget, bias_per_layer=deviation)
+    kept = kept_components(layers, ratio, deviation)
     rows = []
     for name, l in layers.items():
         idx = torch.tensor(sorted(kept[name]), dtype=torch.long)
@@ -475,8 +510,16 @@ def compress_soco(model: nn.Module, cfg: SoCoConfig, calibration: torch.Tensor |
     check_reachable(shapes, int((1 - cfg.ratio) * sum(m * n for m, n in shapes.values())), cfg.deviation)
     run_dir, cached = _prepare_run_dir(cfg, getattr(model, "name_or_path", None) or None)
     windows = calibration
-    rank = _world()[0]
+    rank, world = _world()
     model.eval()
+    if cfg.blockwise:
+        if world > 1:
+            raise SocoError("blockwise SoCo runs in one process; drop torchrun, or train the whole model (blockwise=false)")
+        from .soco_blockwise import compress_soco_blockwise
+
+        report = compress_soco_blockwise(model, cfg, windows, targets, run_dir)
+        _finish_run(run_dir, report)
+        return report
     if cached:
         teacher = Teacher(**load_file(str(run_dir / "teacher.safetensors")))
         basis = _unflatten(load_file(str(run_dir / "basis.safetensors")))
@@ -493,13 +536,18 @@ def compress_soco(model: nn.Module, cfg: SoCoConfig, calibration: torch.Tensor |
     rows = cut(model, layers, cfg.ratio, cfg.deviation)
     if run_dir is not None and rank == 0:
         _atomic_save(final, run_dir / SCORES_FILE)
-        meta = json.loads((run_dir / "run.json").read_text())
-        atomic_write_json(run_dir / "run.json", {**meta, "status": "done"})
     report = _report(cfg, cfg.ratio, rows, before, model, time.perf_counter() - start, history)
-    report.config["run_dir"] = str(run_dir) if run_dir else None
     report.tensors[SCORES_FILE] = final  # saved beside the model
+    _finish_run(run_dir, report)
     log.info(report.summary())
     return report
+
+
+def _finish_run(run_dir: Path | None, report: CompressionReport) -> None:
+    report.config["run_dir"] = str(run_dir) if run_dir else None
+    if run_dir is not None and _world()[0] == 0:
+        meta = json.loads((run_dir / "run.json").read_text())
+        atomic_write_json(run_dir / "run.json", {**meta, "status": "done"})
 
 
 def _flatten(basis: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -520,6 +568,9 @@ def export_from_run(run_dir: str | os.PathLike, ratio: float, dtype=None) -> tup
 
     run_dir = Path(run_dir)
     meta_path = run_dir / "run.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text())["config"].get("blockwise"):
+        raise SocoError(f"{str(run_dir)!r} is a blockwise run: its blocks were cut one by one at the trained ratio, "
+                        "so it cannot be cut at another; train a whole-model run (blockwise=false) for that")
     if not meta_path.is_file() or not (run_dir / SCORES_FILE).is_file() or not (run_dir / "basis.safetensors").is_file():
         raise SocoError(f"{str(run_dir)!r} is not a finished SoCo run folder (needs run.json, basis.safetensors, "
                         f"{SCORES_FILE}); train with `soco compress --method soco --run-dir ...` first")

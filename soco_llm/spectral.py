@@ -9,7 +9,9 @@ deviation bias (starts at 0). h is a soft keep-gate shared through `GateState`:
 q_i is a fixed per-layer prior that puts the uniform SVD-LLM cut at importance 1, so a run
 starts from that cut's order and the learned scores re-rank from there. θ (the global
 threshold) is solved every step so that the soft size meets the scheduled budget; T is the
-temperature. With θ = 0 every gate is exactly 1. Like acip's projected layer, it never builds
+temperature. With θ = 0 every gate is exactly 1. In `hard` mode (SoCo's stage 3) the forward
+pass uses the exact global cut as a 0/1 mask and gradients flow through the soft gate
+(straight-through), so the model being trained is the model that will be saved. Like acip's projected layer, it never builds
 the full weight.
 """
 
@@ -27,6 +29,7 @@ class GateState:
 
     log_theta: float = float("-inf")  # −inf: all gates open (keep all)
     temperature: float = 0.3
+    hard: bool = False  # straight-through: forward the exact cut (`mask`), backward through the soft gate
 
 
 class SpectralLinear(nn.Module):
@@ -43,6 +46,7 @@ class SpectralLinear(nn.Module):
         self.scores = nn.Parameter(torch.ones(sigma.numel(), dtype=torch.float32))
         self.delta = nn.Parameter(torch.zeros(self.out_features, dtype=torch.float32))
         self.gate_state = gate
+        self.register_buffer("mask", torch.ones(sigma.numel()), persistent=False)  # the exact cut, when hard
 
     @property
     def k(self) -> int:
@@ -52,11 +56,16 @@ class SpectralLinear(nn.Module):
         """Learned importance |s|·q; the global cut ranks every component of every layer by it."""
         return self.scores.abs() * self.prior
 
-    def gate(self) -> torch.Tensor:
+    def soft_gate(self) -> torch.Tensor:
         g = self.gate_state
         if g.log_theta == float("-inf"):
             return torch.ones_like(self.scores)
         return torch.sigmoid((torch.log(self.importance() + 1e-30) - g.log_theta) / g.temperature)
+
+    def gate(self) -> torch.Tensor:
+        """The gate the forward pass uses: soft, or the exact cut with the soft gate's gradient."""
+        soft = self.soft_gate()
+        return self.mask + soft - soft.detach() if self.gate_state.hard else soft
 
     def spectrum(self) -> torch.Tensor:
         return self.sigma * (self.scores * self.gate()).to(self.sigma.dtype)

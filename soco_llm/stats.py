@@ -128,6 +128,8 @@ class BlockRunner:
         self.model = model
         self.targets = targets
         self.batches = batches
+        self.block_inputs: list[tuple[tuple, dict]] = []  # (args, kwargs) of the current block, per batch
+        self.block_outputs: list[torch.Tensor] = []  # its outputs before on_block changes it
 
     @torch.no_grad()
     def run(self, on_block: BlockCallback, kinds: set[str], sequential: bool = False, desc: str = "blocks") -> None:
@@ -143,6 +145,8 @@ class BlockRunner:
                     outputs.append(_block_output(block(*args, **kwargs)))
             finally:
                 collector.remove()
+            # What a block-wise trainer needs besides the statistics: this block's inputs and outputs.
+            self.block_inputs, self.block_outputs = inputs, outputs
             on_block(i, block, collector.stats)
             if sequential:  # the next block sees what the compressed block produces
                 outputs = [_block_output(block(*args, **kwargs)) for args, kwargs in inputs]

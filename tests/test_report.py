@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -149,3 +151,14 @@ def test_zeroshot_scores_tiny_models_and_resumes(tmp_path, offline):
         raise AssertionError("--resume should not reload finished models")
 
     assert zeroshot.main(argv + ["--resume"], load=no_load) == 0
+
+
+def test_compare_methods_rows_with_labels_and_settings():
+    cm = load_script("compare_methods")
+    settings = cm.parse_settings(["soco-plain.basis=plain", "soco.steps=40", "asvd.alpha=1.0"])
+    rows = cm.build_rows(["asvd", "soco", "soco-plain=soco"], False, settings)
+    assert [(r.label, r.method, r.settings) for r in rows] == [
+        ("asvd", "asvd", {"alpha": 1.0}), ("soco", "soco", {"steps": 40}), ("soco-plain", "soco", {"basis": "plain"})]
+    assert rows[2].key(0.4) == "soco-plain@0.4"
+    with pytest.raises(SystemExit, match="unknown method"):
+        cm.build_rows(["x=nope"], False, {})

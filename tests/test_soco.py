@@ -92,6 +92,29 @@ def test_folding_scores_changes_no_logits():
     torch.testing.assert_close(folded, hard, atol=1e-4, rtol=1e-4)
 
 
+def test_straight_through_stage_trains_the_model_that_is_saved():
+    from soco_llm.soco import cut, kept_components, set_masks
+
+    cfg = SoCoConfig(ratio=0.4, steps=8, stage_steps=[2, 2, 4], batch_size=4)
+    model, windows, teacher, layers, gate = _spectral(cfg)
+    train(model, layers, gate, windows, teacher, cfg, None)
+    size = SizeModel(layers, cfg.deviation)
+    gate.temperature = cfg.final_temperature
+    gate.log_theta = size.solve_threshold((1 - cfg.ratio) * size.dense, gate.temperature)
+    gate.hard = True
+    set_masks(layers, kept_components(layers, cfg.ratio, cfg.deviation))
+    for l in layers.values():
+        l.scores.requires_grad_(True)
+    trained = model(input_ids=windows).logits  # what stage 3 optimises
+    trained.float().pow(2).mean().backward()
+    dropped = [l.scores.grad[l.mask == 0] for l in layers.values()]
+    assert any(g.abs().sum() > 0 for g in dropped)  # dropped components still get a gradient (straight-through)
+    gate.hard = False
+    with torch.no_grad():
+        cut(model, layers, cfg.ratio, cfg.deviation)
+        torch.testing.assert_close(model(input_ids=windows).logits, trained.detach(), atol=1e-4, rtol=1e-4)
+
+
 def _run(tmp_path, name, **kw):
     model = tiny_model("llama")
     cfg = SoCoConfig(ratio=0.4, steps=12, batch_size=4, checkpoint_every=3, run_dir=str(tmp_path / name), **kw)

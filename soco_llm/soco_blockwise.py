@@ -1,0 +1,89 @@
+"""SoCo one decoder block at a time: bounded memory, for models whose factors do not fit at once.
+
+The whole-model run (soco.py) holds every layer's full-rank factors (about 2× the weights) and
+back-propagates through the whole model. Here each decoder block in turn is decomposed,
+trained against the dense block's outputs on the calibration windows, cut and frozen; the
+next block then sees the compressed block's outputs (sequential), so it also learns to
+correct them. Only one block's factors, scores and activations exist at a time.
+
+What it trades: the loss is the block's normalised output error, not the KL of the whole
+model; and every block is cut at the target ratio on its own (ranks still move between the
+linears of a block, not between blocks), so `soco export` at other ratios is not offered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .adapter import Target
+from .compress import CompressionReport, model_params
+from .errors import SocoError
+from .soco import (BatchLoss, GateState, SCORES_FILE, SoCoConfig, _atomic_save, _report, basis_entry, cut,
+                   install_spectral, train_scores, trained_tensors)
+from .stats import BlockRunner, _block_output
+
+log = logging.getLogger(__name__)
+
+
+def block_loss(block: nn.Module, inputs: list[tuple[tuple, dict]], outputs: list[torch.Tensor]) -> BatchLoss:
+    """Output error of the student block on one captured batch, relative to the dense output's energy."""
+
+    def loss(gen: torch.Generator, _rank: int, _world: int) -> torch.Tensor:
+        j = int(torch.randint(0, len(inputs), (1,), generator=gen))
+        args, kwargs = inputs[j]
+        y, t = _block_output(block(*args, **kwargs)).float(), outputs[j].float()
+        return (y - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+    return loss
+
+
+def compress_soco_blockwise(model: nn.Module, cfg: SoCoConfig, windows: torch.Tensor, targets: list[Target],
+                            run_dir: Path | None) -> CompressionReport:
+    """Train and cut `model` block by block, in place; `cfg.steps` steps per block."""
+    start = time.perf_counter()
+    before = model_params(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rows, final, history = [], {}, []
+    runner = BlockRunner(model, targets, list(windows.split(cfg.batch_size)))
+
+    def on_block(i: int, _block: nn.Module, stats: dict) -> None:
+        block_targets = [t for t in targets if t.block == i]
+        if not block_targets:
+            return
+        gate = GateState()
+        layers = install_spectral(model, block_targets, {t.name: basis_entry(t, cfg, stats.get(t.name))
+                                                         for t in block_targets}, gate)
+        done = run_dir / f"block-{i:04d}.safetensors" if run_dir is not None else None
+        if done is not None and cfg.resume and done.is_file():  # trained before an interruption
+            saved = load_file(str(done))
+            with torch.no_grad():
+                for name, l in layers.items():
+                    l.scores.copy_(saved[f"{name}.scores"])
+                    l.delta.copy_(saved[f"{name}.delta"])
+        else:
+            with torch.enable_grad():
+                loss = block_loss(_block, runner.block_inputs, runner.block_outputs)
+                hist = train_scores(layers, gate, loss, cfg, None, desc=f"soco block {i}")
+            history.extend({**h, "block": i} for h in hist)
+            if done is not None:
+                _atomic_save(trained_tensors(layers), done)
+        final.update(trained_tensors(layers))
+        rows.extend(cut(model, layers, cfg.ratio, cfg.deviation))
+
+    kinds = {"xtx"} if cfg.basis == "whitened" else set()
+    runner.run(on_block, kinds, sequential=True, desc="soco blocks")
+    if not rows:
+        raise SocoError("no target linears were found in the decoder blocks")
+    if run_dir is not None:
+        _atomic_save(final, run_dir / SCORES_FILE)
+    report = _report(cfg, cfg.ratio, rows, before, model, time.perf_counter() - start, history)
+    report.tensors[SCORES_FILE] = final
+    log.info(report.summary())
+    return report
