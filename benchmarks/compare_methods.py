@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -580,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="LABEL@RATIO of the row whose saved size is measured ('' for none; default svd-llm@0.4)")
     p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
                    help="also save every compressed model to DIR/LABEL@RATIO (replacing an earlier one)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="rows run at once, each in its own process (default 1; more share the CPU, so times are "
+                        "only comparable within one setting)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--resume", action="store_true", help="skip rows already in <out-dir>/compare_methods.json")
@@ -655,10 +659,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(work)
         calib_path = work / "calib.pt"
         torch.save(calib, calib_path)
-        bar = tqdm(todo, desc="rows", unit="row")
-        for order, spec, r in bar:
+        bar = tqdm(total=len(todo), desc="rows", unit="row")
+        lock = threading.Lock()
+
+        def one_row(order: int, spec: RowSpec, r: float) -> None:
             key = spec.key(r)
-            bar.set_postfix_str(key)
             job = {"key": key, "label": spec.label, "method": spec.method, "settings": spec.settings, "ratio": r,
                    "calib_path": str(calib_path), "calibration": settings["calibration"],
                    "eval": settings["eval"], "threads": args.threads, "plugins": args.plugin,
@@ -668,14 +673,24 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_child(job, work, args.quiet)
             except RuntimeError as e:
                 log.error("%s", e)
-                failures.append(key)
-                continue
-            row["order"] = order
-            results["rows"][key] = row
-            log.info("%-14s ratio %.2f (achieved %.4f): perplexity %s, compress %.1fs, peak RSS %.0f MiB",
-                     spec.label, r, row["achieved_ratio"], fmt_ppl(row["perplexity"]), row["compress_s"],
-                     row["peak_rss_mib"])
-            write_outputs(results, out_dir)  # checkpoint: an interrupted run resumes from here
+                with lock:
+                    failures.append(key)
+                    bar.update()
+                return
+            row["order"], row["parallel_jobs"] = order, args.jobs
+            with lock:
+                results["rows"][key] = row
+                log.info("%-14s ratio %.2f (achieved %.4f): perplexity %s, compress %.1fs, peak RSS %.0f MiB",
+                         spec.label, r, row["achieved_ratio"], fmt_ppl(row["perplexity"]), row["compress_s"],
+                         row["peak_rss_mib"])
+                write_outputs(results, out_dir)  # checkpoint: an interrupted run resumes from here
+                bar.update()
+
+        # Rows are independent processes; --jobs N runs N at once (their times then share the CPU).
+        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+            for f in [pool.submit(one_row, *item) for item in todo]:
+                f.result()
+        bar.close()
     write_outputs(results, out_dir)
     print_table(results)
     if failures:

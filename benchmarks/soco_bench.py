@@ -8,7 +8,7 @@ Rows (each in a fresh subprocess, so wall time and peak RSS are its own):
   soco quick @ r    the --quick preset (60 steps of 2×256 tokens)
   ablations @ 0.4   --quick with one change: a stage off (its steps go to a neighbour), the
                     deviation bias d off, or the plain basis instead of the whitened one
-  export @ r        the quick 0.4 run cut at r without retraining (`soco export`)
+  export @ r        a finished run (--export-from, default the quick 0.4 run) cut at r without retraining
 Perplexity: the first 24 held-out windows of 512 tokens (BoolQ dev passages, BOS prepended),
 as in benchmarks/compare_methods.py. Writes benchmarks/results/soco_bench.{json,md}.
 """
@@ -36,7 +36,8 @@ def ablations(quick: dict) -> dict[str, dict]:
 
     s1, s2, s3 = SoCoConfig(ratio=ABLATION_RATIO, **quick).stages()
     return {"stage 1 off": {"stage_steps": [0, s1 + s2, s3]}, "stage 2 off": {"stage_steps": [s1 + s2, 0, s3]},
-            "stage 3 off": {"stage_steps": [s1, s2 + s3, 0]}, "deviation d off": {"deviation": False},
+            "stage 3 off": {"stage_steps": [s1, s2 + s3, 0]}, "straight-through off": {"straight_through": "off"},
+            "deviation d off": {"deviation": False},
             "plain basis": {"basis": "plain"}}
 
 
@@ -87,8 +88,8 @@ def render(res: dict) -> str:
     if notes:
         lines += ["", *notes]
     lines += ["", "Rows: `soco` = default SoCoConfig (160 steps of 4×256 tokens); `quick` = --quick preset "
-              "(60 steps of 2×256); ablations are quick runs at 0.4 with one change; `export` rows cut the quick "
-              "0.4 run at another ratio without retraining. `time` is compress() (teacher cache, basis, training, "
+              "(60 steps of 2×256); ablations are quick runs at 0.4 with one change; `export` rows cut a "
+              "finished run (see its note) at another ratio without retraining. `time` is compress() (teacher cache, basis, training, "
               "cut) or the export, not model loading or evaluation."]
     return "\n".join(lines) + "\n"
 
@@ -114,6 +115,9 @@ def main() -> int:
     ap.add_argument("--quick-ratios", nargs="*", type=float, default=[0.2, 0.4, 0.6])
     ap.add_argument("--no-ablation", dest="ablation", action="store_false")
     ap.add_argument("--export-ratios", nargs="*", type=float, default=[0.2, 0.3, 0.5, 0.6])
+    ap.add_argument("--export-from", type=Path, default=None, metavar="RUN",
+                    help="cut this finished run for the export rows (default: the quick 0.4 run made here), e.g. "
+                         "a run kept by compare_methods.py --save-models")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=OUT)
@@ -141,12 +145,13 @@ def main() -> int:
     if args.ablation:
         plan += [(f"{name} @ {ABLATION_RATIO}", {"ratio": ABLATION_RATIO, "settings": {**QUICK, **s}})
                  for name, s in ablations(QUICK).items()]
-    plan += [(f"export @ {r}", {"ratio": r, "export_from": str(quick_run)}) for r in args.export_ratios]
+    source = args.export_from or quick_run
+    plan += [(f"export @ {r}", {"ratio": r, "export_from": str(source)}) for r in args.export_ratios]
     for name, spec in plan:
-        needs_quick_run = spec.get("export_from") or spec["settings"].get("run_dir")
+        needs_quick_run = (spec.get("export_from") and not args.export_from) or spec.get("settings", {}).get("run_dir")
         if name in res["rows"] and not (needs_quick_run and not quick_run.exists()):
             continue
-        if spec.get("export_from") and not quick_run.exists():
+        if spec.get("export_from") and not Path(spec["export_from"]).exists():
             logging.warning("skipping %s: needs the quick 0.4 run (add 0.4 to --quick-ratios)", name)
             continue
         spec["threads"] = args.threads
@@ -157,6 +162,8 @@ def main() -> int:
             continue
         row = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("ROW "))[4:])
         row["settings"].pop("run_dir", None)
+        if spec.get("export_from"):
+            row["note"] = f"cut from the run `{Path(spec['export_from']).name}` without retraining"
         res["rows"][name] = row
         args.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_json(path, res)
