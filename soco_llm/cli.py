@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude-modules", nargs="+", default=None, help="module names or regexes to leave dense")
     c.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="any field of the method's config, value as JSON, e.g. --set steps=300 basis='\"plain\"'")
-    c.add_argument("--quick", action="store_true", help="soco: a short run (60 steps of 2x256 tokens, a quarter "
-                   "of the default's training tokens); about 5 min instead of about 20, at higher perplexity")
+    c.add_argument("--quick", action="store_true", help="soco: a short run (60 steps of 2x256 tokens, under a "
+                   "fifth of the default's training tokens): faster, at higher perplexity")
     c.add_argument("--run-dir", default=None, help="soco: checkpoints and basis (default: OUT.run)")
     c.add_argument("--resume", action="store_true", help="soco: continue the run in --run-dir")
     c.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")

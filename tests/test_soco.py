@@ -40,17 +40,27 @@ def test_init_equals_dense(arch, basis):
     torch.testing.assert_close(model(input_ids=x).logits, ref, atol=2e-4, rtol=1e-4)
 
 
-def test_few_steps_lower_the_kl():
+@pytest.mark.parametrize("straight_through", ["all", "off"])
+def test_few_steps_lower_the_kl(straight_through):
+    from soco_llm.soco import kept_components, set_masks
+
     cfg = SoCoConfig(ratio=0.5, steps=15, stage_steps=[0, 15, 0], alternate_amplitude=0.0, lr_scores=2e-2,
-                     lr_bias=2e-3, batch_size=8)
+                     lr_bias=2e-3, batch_size=8, straight_through=straight_through)
     model, windows, teacher, layers, gate = _spectral(cfg)
     size = SizeModel(layers, cfg.deviation)
-    gate.temperature = cfg.temperature
-    gate.log_theta = size.solve_threshold((1 - cfg.ratio) * size.dense, cfg.temperature)
-    before = _mean_kl(model, windows, teacher)
+
+    def trained_model_kl():  # the model the run optimises: hard cut (straight-through) or soft gates
+        gate.temperature = cfg.temperature
+        gate.log_theta = size.solve_threshold((1 - cfg.ratio) * size.dense, cfg.temperature)
+        gate.hard = straight_through == "all"
+        set_masks(layers, kept_components(layers, cfg.ratio, cfg.deviation))
+        kl = _mean_kl(model, windows, teacher)
+        gate.hard = False
+        return kl
+
+    before = trained_model_kl()
     history = train(model, layers, gate, windows, teacher, cfg, None)
-    gate.log_theta = size.solve_threshold((1 - cfg.ratio) * size.dense, cfg.temperature)
-    after = _mean_kl(model, windows, teacher)
+    after = trained_model_kl()
     assert after < 0.9 * before
     assert all(abs(h["soft_ratio"] - 0.5) < 0.01 for h in history)  # the budget is held every step
 
