@@ -26,13 +26,15 @@ log = logging.getLogger("report")
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = {
-    "compare_methods.json": "python benchmarks/compare_methods.py --methods svd fwsvd asvd svd-llm "
-                            "--ratios 0.2 0.4 0.6 --sequential --quiet",
-    "zeroshot.json": "python benchmarks/zeroshot.py --methods svd fwsvd asvd svd-llm --ratios 0.2 0.4 0.6 "
-                     "--tasks soco_piqa soco_openbookqa --limit 300",
+    "compare_methods.json": "python benchmarks/compare_methods.py --methods svd fwsvd asvd svd-llm soco "
+                            "--ratios 0.2 0.4 0.6 --sequential --jobs 2 --threads 1 --save-models runs/bench --quiet",
+    "zeroshot.json": "python benchmarks/zeroshot.py --methods svd svd-llm --ratios 0.2 0.4 0.6 "
+                     "--tasks soco_piqa soco_openbookqa --limit 300, then --methods fwsvd asvd --ratios 0.4 and "
+                     "--models soco@0.4=runs/bench/soco@0.4 ... with --resume",
     "speed_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/speed.py --ratios 0.2 0.4 0.6 --threads 1 "
                       "--json benchmarks/results/speed_cpu.json --markdown benchmarks/results/speed_cpu.md",
-    "soco_bench.json": "python benchmarks/soco_bench.py",
+    "soco_bench.json": "python benchmarks/soco_bench.py --full-ratios --quick-ratios 0.4 --threads 1, then "
+                       "--export-from runs/bench/soco@0.4.run --no-ablation --quick-ratios --resume",
     "layer_crossover_cpu.md": "python benchmarks/layer_crossover.py --threads 1 "
                               "--markdown benchmarks/results/layer_crossover_cpu.md",
 }
