@@ -118,6 +118,8 @@ def main() -> int:
     ap.add_argument("--export-from", type=Path, default=None, metavar="RUN",
                     help="cut this finished run for the export rows (default: the quick 0.4 run made here), e.g. "
                          "a run kept by compare_methods.py --save-models")
+    ap.add_argument("--only", nargs="*", default=None, metavar="ROW",
+                    help="run only the rows with these names (e.g. 'plain basis @ 0.4'); default: all planned rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=OUT)
@@ -147,6 +149,8 @@ def main() -> int:
                  for name, s in ablations(QUICK).items()]
     source = args.export_from or quick_run
     plan += [(f"export @ {r}", {"ratio": r, "export_from": str(source)}) for r in args.export_ratios]
+    if args.only is not None:
+        plan = [(name, spec) for name, spec in plan if name in args.only]
     for name, spec in plan:
         needs_quick_run = (spec.get("export_from") and not args.export_from) or spec.get("settings", {}).get("run_dir")
         if name in res["rows"] and not (needs_quick_run and not quick_run.exists()):
