@@ -291,6 +291,14 @@ def trained_tensors(layers: dict[str, SpectralLinear]) -> dict[str, torch.Tensor
     return out
 
 
+@torch.no_grad()
+def restore_trained(layers: dict[str, SpectralLinear], tensors: dict[str, torch.Tensor]) -> None:
+    """Put scores and biases saved by `trained_tensors` back into the layers."""
+    for name, l in layers.items():
+        l.scores.copy_(tensors[f"{name}.scores"])
+        l.delta.copy_(tensors[f"{name}.delta"])
+
+
 def save_checkpoint(run_dir: Path, step: int, layers: dict[str, SpectralLinear], opt: torch.optim.Optimizer,
                     history: list[dict]) -> None:
     """Scores, biases, Adam state and step; batches are a function of (seed, step), so no RNG state."""
@@ -312,10 +320,7 @@ def load_checkpoint(run_dir: Path, layers: dict[str, SpectralLinear], opt: torch
         t = load_file(str(run_dir / "checkpoint.safetensors"))
     except Exception as e:
         raise SocoError(f"checkpoint in {run_dir} is corrupt ({e}); delete it to restart the run") from e
-    with torch.no_grad():
-        for name, l in layers.items():
-            l.scores.copy_(t[f"{name}.scores"])
-            l.delta.copy_(t[f"{name}.delta"])
+    restore_trained(layers, t)
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         if f"opt.{i}.exp_avg" in t:
@@ -588,10 +593,7 @@ def export_from_run(run_dir: str | os.PathLike, ratio: float, dtype=None) -> tup
     targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
     layers = install_spectral(model, targets, _unflatten(load_file(str(run_dir / "basis.safetensors"))), GateState())
     scores = load_file(str(run_dir / SCORES_FILE))
-    with torch.no_grad():
-        for name, l in layers.items():
-            l.scores.copy_(scores[f"{name}.scores"])
-            l.delta.copy_(scores[f"{name}.delta"])
+    restore_trained(layers, scores)
     rows = cut(model, layers, ratio, cfg.deviation)
     report = _report(cfg, ratio, rows, before, model, time.perf_counter() - start)
     report.config["run_dir"] = str(run_dir)

@@ -25,7 +25,7 @@ from .adapter import Target
 from .compress import CompressionReport, model_params
 from .errors import SocoError
 from .soco import (BatchLoss, GateState, SCORES_FILE, SoCoConfig, _atomic_save, _report, basis_entry, cut,
-                   install_spectral, train_scores, trained_tensors)
+                   install_spectral, restore_trained, train_scores, trained_tensors)
 from .stats import BlockRunner, _block_output
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,7 @@ def compress_soco_blockwise(model: nn.Module, cfg: SoCoConfig, windows: torch.Te
                                                          for t in block_targets}, gate)
         done = run_dir / f"block-{i:04d}.safetensors" if run_dir is not None else None
         if done is not None and cfg.resume and done.is_file():  # trained before an interruption
-            saved = load_file(str(done))
-            with torch.no_grad():
-                for name, l in layers.items():
-                    l.scores.copy_(saved[f"{name}.scores"])
-                    l.delta.copy_(saved[f"{name}.delta"])
+            restore_trained(layers, load_file(str(done)))
         else:
             with torch.enable_grad():
                 loss = block_loss(_block, runner.block_inputs, runner.block_outputs)

@@ -9,10 +9,10 @@ deviation bias (starts at 0). h is a soft keep-gate shared through `GateState`:
 q_i is a fixed per-layer prior that puts the uniform SVD-LLM cut at importance 1, so a run
 starts from that cut's order and the learned scores re-rank from there. θ (the global
 threshold) is solved every step so that the soft size meets the scheduled budget; T is the
-temperature. With θ = 0 every gate is exactly 1. In `hard` mode (SoCo's stage 3) the forward
-pass uses the exact global cut as a 0/1 mask and gradients flow through the soft gate
-(straight-through), so the model being trained is the model that will be saved. Like acip's projected layer, it never builds
-the full weight.
+temperature. With θ = 0 every gate is exactly 1. In `hard` mode (straight-through) the forward
+pass uses the global cut at the step's budget as a 0/1 mask and gradients flow through the soft
+gate, so the model being trained is the model a cut would save. Like acip's projected layer, it
+never builds the full weight.
 """
 
 from __future__ import annotations
