@@ -31,7 +31,7 @@ COMMANDS = {
     "zeroshot.json": "python benchmarks/zeroshot.py --methods svd svd-llm --ratios 0.2 0.4 0.6 "
                      "--tasks soco_piqa soco_openbookqa --limit 300, then --methods fwsvd asvd --ratios 0.4 and "
                      "--models soco@0.4=runs/bench/soco@0.4 ... with --resume",
-    "speed_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/speed.py --ratios 0.2 0.4 0.6 --threads 1 "
+    "speed_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/speed.py --ratios 0.2 0.4 0.6 --threads 1 --repeats 7 "
                       "--json benchmarks/results/speed_cpu.json --markdown benchmarks/results/speed_cpu.md",
     "soco_bench.json": "python benchmarks/soco_bench.py --full-ratios --quick-ratios 0.4 --threads 1, then "
                        "--export-from runs/bench/soco@0.4.run --no-ablation --quick-ratios --resume",

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from soco_llm.bench import BenchSettings, hardware_info, markdown_table, run, write_text_atomic
@@ -43,12 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
+                   help="keep glibc's allocator defaults (freed heap returned to the OS; noisier decode times)")
     p.add_argument("--json", default=None, help="write the full results here (atomically)")
     p.add_argument("--markdown", default=None, help="write the Markdown table here (atomically)")
     return p
 
 
-def measure(args) -> dict:
+def measure(args, argv: list[str]) -> dict:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -58,19 +62,23 @@ def measure(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = BenchSettings(args.prefill_lengths, args.decode_prompt, args.new_tokens, args.warmup, args.repeats,
-                             args.device, args.threads)
+                             args.device, args.threads, malloc_tuning=args.malloc_tuning and args.device == "cpu")
     hardware = {**hardware_info(args.device), "dtype": args.dtype}
     rows = run(args.model, args.ratios, args.models, settings, args.dtype)
     hardware["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    return {"hardware": hardware, "settings": vars(settings), "results": rows,
-            "markdown": markdown_table(rows, hardware, settings)}
+    omp = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={omp} " if omp else "") + "python benchmarks/speed.py " + shlex.join(argv)
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    markdown = markdown_table(rows, hardware, settings) + f"\nCommand: `{command}` ({date}).\n"
+    return {"hardware": hardware, "settings": vars(settings), "results": rows, "command": command, "date": date,
+            "markdown": markdown}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = measure(args)
+        result = measure(args, sys.argv[1:] if argv is None else argv)
     except SocoError as e:
         print(f"speed.py: error: {e}", file=sys.stderr)
         return 2

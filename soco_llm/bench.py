@@ -49,6 +49,7 @@ class BenchSettings:
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None = torch's default
     seed: int = 0
+    malloc_tuning: bool = True  # `tune_malloc()` before timing (CPU); recorded in the results
 
 
 def hardware_info(device: str = "cpu") -> dict:
@@ -141,6 +142,26 @@ def rss_bytes() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc(mmap_threshold: int = 32 * MiB, trim_threshold: int = 1 << 30) -> bool:
+    """Keep freed heap for reuse instead of returning it to the OS (glibc only; True if applied).
+
+    With glibc's defaults every decode step's growing KV-cache buffers (about 0.1-1 MiB) come
+    from fresh pages, and the page faults add run-to-run noise that hit whichever model's heap
+    happens to be trimmed. This is what jemalloc/tcmalloc, recommended by PyTorch's CPU tuning
+    guide, do by design. It applies to every model in the process alike.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def release_memory() -> None:
@@ -303,6 +324,8 @@ def run(spec: str | None, ratios: list[float], folders: list[str], settings: Ben
     """Load everything, time it round-robin, and return one row per model with ratios against dense."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if settings.malloc_tuning and not tune_malloc():
+        settings.malloc_tuning = False  # not glibc: record that it was not applied
     loaded = load_models(spec, ratios, folders, settings, dtype)
     measured = bench_models([(m, pad) for _, m, pad in loaded], settings)
     rows = [{**info, **row, "torch_threads": torch.get_num_threads()} for (info, _, _), row in zip(loaded, measured)]
@@ -346,7 +369,9 @@ def markdown_table(rows: list[dict], hardware: dict, settings: BenchSettings) ->
         f"(t({settings.new_tokens} new tokens) − t(1 new token)). Median of {settings.repeats} after "
         f"{settings.warmup} warm-up, all models timed round-robin in one process. (×) = vs dense in this run; "
         "'by CPU time' uses process CPU time instead of wall time (insensitive to other processes when "
-        "torch runs 1 thread).",
+        "torch runs 1 thread). "
+        + ("Allocator: glibc keeps freed heap (mmap threshold 32 MiB, no trimming; `--no-malloc-tuning` for "
+           "glibc's defaults)." if settings.malloc_tuning else "Allocator: the C library's defaults."),
         "decode limit × = dense / compressed weights read per decode step (all weights except the embedding "
         "lookup; LM head included): the speed-up if decoding were purely weight-bandwidth bound.",
         f"working MiB = peak rise of {memory} during the longest prefill plus one decode run; "
