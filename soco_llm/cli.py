@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--calib", default="bundled", help="calibration text: bundled, wikitext2, c4, ptb, or a text file")
-    c.add_argument("--samples", type=int, default=None, help="calibration windows (default 32; soco: 128)")
+    c.add_argument("--samples", type=int, default=None, help="calibration windows (default 32; soco: 256)")
     c.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 512; soco: 256)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=int, default=None, help="calibration / training batch size")
