@@ -312,6 +312,7 @@ def run_single(job_path: Path) -> None:
         importlib.import_module(mod)
 
     import torch
+    from safetensors.torch import load_file
 
     import soco_llm
     from soco_llm.config import CalibrationConfig
@@ -323,7 +324,7 @@ def run_single(job_path: Path) -> None:
     if job.get("save_dir") and getattr(config, "run_dir", "unset") is None:
         # a trained method keeps its run too (checkpoints, scores: `soco export` cuts it at other ratios)
         config.run_dir, config.resume = str(Path(job["save_dir"]) / f"{job['key']}.run"), True
-    calib = torch.load(job["calib_path"])
+    calib = load_file(job["calib_path"])["windows"]  # safetensors: no pickle between processes
     c = job["calibration"]
     calib_cfg = CalibrationConfig(c["source"], c["num_samples"], c["seq_len"], c["seed"], c["batch_size"])
 
@@ -515,7 +516,7 @@ def render_plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = sorted(results["rows"].values(), key=lambda r: (r["order"], r["target_ratio"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for label in dict.fromkeys(r["label"] for r in rows):
         pts = [(r["target_ratio"], r["perplexity"]) for r in rows if r["label"] == label]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -527,7 +528,7 @@ def render_plot(results: dict, path: Path) -> None:
     ax.set_ylabel("perplexity, held-out BoolQ passages (log)")
     ax.set_title(f"{results['settings']['model']}: perplexity vs ratio")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)  # outside: lines never hidden
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fig.savefig(tmp, format="png", dpi=120)
@@ -600,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for mod in args.plugin:
         importlib.import_module(mod)
-    import torch
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     import soco_llm
@@ -650,15 +651,14 @@ def main(argv: list[str] | None = None) -> int:
     del model  # children load their own copy from the safetensors cache
 
     jobs = [(spec, r) for spec in rows_spec for r in args.ratios]
-    for order, (spec, r) in enumerate(jobs):
-        if spec.key(r) in results["rows"]:
-            results["rows"][spec.key(r)]["order"] = order
-    todo = [(order, spec, r) for order, (spec, r) in enumerate(jobs) if spec.key(r) not in results["rows"]]
+    # Finished rows keep their place in the tables; this invocation's new rows come after them.
+    first = 1 + max((row["order"] for row in results["rows"].values()), default=-1)
+    todo = [(first + i, spec, r) for i, (spec, r) in enumerate(jobs) if spec.key(r) not in results["rows"]]
     failures = []
     with tempfile.TemporaryDirectory(prefix="compare-methods-") as work:
         work = Path(work)
-        calib_path = work / "calib.pt"
-        torch.save(calib, calib_path)
+        calib_path = work / "calib.safetensors"
+        save_file({"windows": calib.contiguous()}, str(calib_path))
         bar = tqdm(total=len(todo), desc="rows", unit="row")
         lock = threading.Lock()
 
