@@ -27,10 +27,13 @@ log = logging.getLogger("report")
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = {
     "compare_methods.json": "python benchmarks/compare_methods.py --methods svd fwsvd asvd svd-llm soco "
-                            "--ratios 0.2 0.4 0.6 --sequential --jobs 2 --threads 1 --save-models runs/bench --quiet",
+                            "--ratios 0.2 0.4 0.6 --sequential --jobs 2 --threads 1 --save-models runs/bench --quiet, "
+                            "then --methods soco soco-plain-quick=soco --set soco-plain-quick.basis='\"plain\"' "
+                            "(and steps=60 batch_size=2 num_samples=64) --resume",
+    "soco_timing.md": "/usr/bin/time -v soco compress --method soco --ratio 0.4 --out runs/timing-soco-0.4 --no-eval",
     "zeroshot.json": "python benchmarks/zeroshot.py --methods svd svd-llm --ratios 0.2 0.4 0.6 "
                      "--tasks soco_piqa soco_openbookqa --limit 300, then --methods fwsvd asvd --ratios 0.4 and "
-                     "--models soco@0.4=runs/bench/soco@0.4 ... with --resume",
+                     "--models soco@0.2=runs/bench/soco@0.2 soco@0.4=... soco@0.6=... with --resume",
     "speed_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/speed.py --ratios 0.2 0.4 0.6 --threads 1 --repeats 7 "
                       "--json benchmarks/results/speed_cpu.json --markdown benchmarks/results/speed_cpu.md",
     "soco_bench.json": "python benchmarks/soco_bench.py --full-ratios --quick-ratios 0.4 --threads 1, then "
@@ -231,8 +234,15 @@ def soco_section(inputs: Inputs) -> list[str]:
     text = inputs.text("soco_bench.md")
     if data is None or text is None:
         return lines + not_measured("soco_bench.json")
-    body = text.split("\n", 1)[1] if text.startswith("# ") else text  # drop its title
-    return lines + [body.strip(), ""]
+    lines += [_untitled(text), ""]
+    timing = inputs.text("soco_timing.md")
+    lines += ["### Wall time and memory of one full run", ""]
+    return lines + ([_untitled(timing), ""] if timing else not_measured("soco_timing.md"))
+
+
+def _untitled(text: str) -> str:
+    """A result file's Markdown without its own title, to embed under this report's heading."""
+    return (text.split("\n", 1)[1] if text.startswith("# ") else text).strip()
 
 
 def render(results_dir: Path, out: Path, zeroshot_ratio: float = 0.4) -> tuple[str, list[str]]:
