@@ -111,6 +111,15 @@ def build_rows(methods: list[str], sequential: bool, settings: dict[str, dict]) 
     return rows
 
 
+def rows_to_run(finished: dict[str, dict], specs: list[RowSpec], ratios: list[float]
+                ) -> list[tuple[int, RowSpec, float]]:
+    """(order, spec, ratio) of each row not finished yet. Finished rows keep their place in the
+    tables (their "order"); this invocation's new rows come after every one of them."""
+    first = 1 + max((row["order"] for row in finished.values()), default=-1)
+    jobs = [(spec, r) for spec in specs for r in ratios]
+    return [(first + i, spec, r) for i, (spec, r) in enumerate(jobs) if spec.key(r) not in finished]
+
+
 # --------------------------------------------------------------------------- helpers
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -650,10 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(results, out_dir)
     del model  # children load their own copy from the safetensors cache
 
-    jobs = [(spec, r) for spec in rows_spec for r in args.ratios]
-    # Finished rows keep their place in the tables; this invocation's new rows come after them.
-    first = 1 + max((row["order"] for row in results["rows"].values()), default=-1)
-    todo = [(first + i, spec, r) for i, (spec, r) in enumerate(jobs) if spec.key(r) not in results["rows"]]
+    todo = rows_to_run(results["rows"], rows_spec, args.ratios)
     failures = []
     with tempfile.TemporaryDirectory(prefix="compare-methods-") as work:
         work = Path(work)

@@ -162,3 +162,13 @@ def test_compare_methods_rows_with_labels_and_settings():
     assert rows[2].key(0.4) == "soco-plain@0.4"
     with pytest.raises(SystemExit, match="unknown method"):
         cm.build_rows(["x=nope"], False, {})
+
+
+def test_compare_methods_resume_appends_new_rows_after_finished_ones():
+    cm = load_script("compare_methods")
+    finished = {"svd@0.4": {"order": 0}, "soco@0.4": {"order": 5}}
+    specs = [cm.RowSpec("soco", "soco"), cm.RowSpec("soco-plain", "soco", {"basis": "plain"})]
+    todo = cm.rows_to_run(finished, specs, [0.2, 0.4])
+    assert [(o, s.label, r) for o, s, r in todo] == [(6, "soco", 0.2), (8, "soco-plain", 0.2), (9, "soco-plain", 0.4)]
+    assert finished["soco@0.4"]["order"] == 5  # a finished row keeps its place
+    assert [o for o, _, _ in cm.rows_to_run({}, specs[:1], [0.4])] == [0]

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,13 @@ def test_speed_script_writes_json_and_markdown(model_dir, tmp_path, capsys):
     assert result["results"][2]["achieved_ratio"] > result["results"][1]["achieved_ratio"] > 0.39
     assert out_md.read_text() in capsys.readouterr().out
     assert not list(out_json.parent.glob(".*tmp*"))  # atomic writes leave no temporaries
+    # what was run and how the allocator was set travel with the numbers
+    assert result["command"].startswith("python benchmarks/speed.py --model") and result["date"]
+    assert f"Command: `{result['command']}`" in out_md.read_text()
+    tuned = result["settings"]["malloc_tuning"]
+    assert ("glibc keeps freed heap" if tuned else "the C library's defaults") in out_md.read_text()
+    if platform.libc_ver()[0] == "glibc":
+        assert tuned
 
 
 def test_speed_script_bad_input(capsys):
