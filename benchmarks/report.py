@@ -151,7 +151,9 @@ def perplexity_section(inputs: Inputs, out: Path) -> list[str]:
         except (OSError, json.JSONDecodeError):
             continue
         if more.get("rows"):
-            c = more["settings"]["calibration"]
+            # a trained method (SoCo) records the windows it drew itself; say those when every row did
+            own = {json.dumps(r.get("calibration"), sort_keys=True) for r in more["rows"].values()}
+            c = json.loads(own.pop()) if len(own) == 1 and "null" not in own else more["settings"]["calibration"]
             lines += [f"### Extra run: `{extra.parent.name}` ({c['num_samples']} calibration windows of "
                       f"{c['seq_len']})", ""] + perplexity_table(more) + [
                       f"Command: `{more['environment'].get('command')}`; date {more['environment'].get('date')}.", ""]
