@@ -29,7 +29,8 @@ COMMANDS = {
     "compare_methods.json": "python benchmarks/compare_methods.py --methods svd fwsvd asvd svd-llm soco "
                             "--ratios 0.2 0.4 0.6 --sequential --jobs 2 --threads 1 --save-models runs/bench --quiet, "
                             "then --methods soco soco-plain-quick=soco --set soco-plain-quick.basis='\"plain\"' "
-                            "(and steps=60 batch_size=2 num_samples=64) --resume",
+                            "(and steps=60 batch_size=2 num_samples=64) --resume, then --methods soco-plain=soco "
+                            "--set soco-plain.basis='\"plain\"' --ratios 0.4 --resume",
     "soco_timing.md": "/usr/bin/time -v soco compress --method soco --ratio 0.4 --out runs/timing-soco-0.4 --no-eval",
     "zeroshot.json": "python benchmarks/zeroshot.py --methods svd svd-llm --ratios 0.2 0.4 0.6 "
                      "--tasks soco_piqa soco_openbookqa --limit 300, then --methods fwsvd asvd --ratios 0.4 and "
