@@ -4,7 +4,7 @@
     python benchmarks/report.py --check    # write nothing; exit 1 if a result JSON is missing or RESULTS.md is stale
 
 Inputs: compare_methods.json (perplexity), zeroshot.json (accuracy), speed_cpu.json (speed and
-memory), layer_crossover_cpu.md, soco_bench.json, and compare_methods.json in any subfolder
+memory), decode_profile_cpu.md, speed_cpu_360m.md, layer_crossover_cpu.md, soco_bench.json, and compare_methods.json in any subfolder
 (extra runs). A missing input gives a "not measured yet: run <command>" line in its section.
 The output has no generation date, so it changes only when the inputs change.
 """
@@ -41,6 +41,12 @@ COMMANDS = {
                        "--export-from runs/bench/soco@0.4.run --no-ablation --quick-ratios --resume",
     "layer_crossover_cpu.md": "python benchmarks/layer_crossover.py --threads 1 "
                               "--markdown benchmarks/results/layer_crossover_cpu.md",
+    "decode_profile_cpu.md": "OMP_NUM_THREADS=1 python benchmarks/decode_profile.py --ratio 0.4 --threads 1 "
+                             "--json benchmarks/results/decode_profile_cpu.json "
+                             "--markdown benchmarks/results/decode_profile_cpu.md",
+    "speed_cpu_360m.md": "OMP_NUM_THREADS=1 python benchmarks/speed.py --model shape:smollm2-360m --ratios 0.2 0.4 0.6 "
+                         "--threads 1 --repeats 7 --json benchmarks/results/speed_cpu_360m.json "
+                         "--markdown benchmarks/results/speed_cpu_360m.md",
 }
 CHANCE = {"piqa": 0.5, "boolq": 0.5, "winogrande": 0.5, "openbookqa": 0.25, "arc_easy": 0.25,
           "arc_challenge": 0.25, "hellaswag": 0.25}
@@ -222,6 +228,10 @@ def speed_section(inputs: Inputs, out: Path) -> list[str]:
         if found:
             link = Path(os.path.relpath(inputs.dir / "speed_cpu.md", out.parent)).as_posix()
             lines += [f"Notes on why decode stays below the limit: [speed_cpu.md]({link}).", ""]
+    for name, title in (("decode_profile_cpu.md", "Where a decode step's time goes (ratio 0.4)"),
+                        ("speed_cpu_360m.md", "A larger shape: SmolLM2-360M, random weights")):
+        text = inputs.text(name)
+        lines += [f"### {title}", ""] + ([_untitled(text), ""] if text else not_measured(name))
     lines += ["### One layer: dense vs factored vs merged", ""]
     crossover = inputs.text("layer_crossover_cpu.md")
     lines += [crossover.strip(), ""] if crossover else not_measured("layer_crossover_cpu.md")

@@ -3,6 +3,7 @@
     python benchmarks/speed.py --ratios 0.2 0.4 0.6                      # bundled model, SVD in-script
     python benchmarks/speed.py --models runs/a runs/b --device cuda      # saved compressed folders
     python benchmarks/speed.py --threads 2 --json out.json --markdown out.md
+    python benchmarks/speed.py --model shape:smollm2-360m --ratios 0.4       # a larger public shape, random weights
 
 Compressed models come from `soco_llm.compress(model, SVDConfig(ratio=r))` (data-free; the
 method does not change the shapes, so it does not change speed) or from `--models` folders; the
@@ -20,7 +21,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from soco_llm.bench import BenchSettings, hardware_info, markdown_table, run, write_text_atomic
+from soco_llm.bench import SHAPES, BenchSettings, hardware_info, markdown_table, run, write_text_atomic
 from soco_llm.errors import SocoError
 from soco_llm.io import atomic_write_json
 
@@ -34,7 +35,8 @@ def _ratio(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="dense model: folder, .gguf or hub id (default: bundled SmolLM2)")
+    p.add_argument("--model", default=None, help="dense model: folder, .gguf, hub id, or shape:NAME for random weights in a public model's shape "
+                        f"({', '.join(SHAPES)}; speed depends on shapes only) (default: bundled SmolLM2)")
     p.add_argument("--ratios", type=_ratio, nargs="*", default=[0.2, 0.4, 0.6], help="SVD ratios compressed in-script")
     p.add_argument("--models", nargs="*", default=[], help="compressed model folders to measure as well")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

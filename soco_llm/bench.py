@@ -294,9 +294,40 @@ def decode_limit(dense: dict, compressed: dict) -> float:
     return dense["decode_params"] / compressed["decode_params"]
 
 
+# Public model shapes (from their config.json files) for timing larger models offline. Decode speed
+# depends on the shapes, not on the weight values, so random weights time like the real model.
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152),
+    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                         num_key_value_heads=5, vocab_size=49152),
+    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=49152),
+}
+SHAPE_PREFIX = "shape:"
+
+
+def random_model(name: str, dtype: str | None = "float32", device: str = "cpu", seed: int = 0) -> nn.Module:
+    """A Llama-architecture model of a public shape (`SHAPES`) with random weights, for timing only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .models import parse_dtype
+
+    if name not in SHAPES:
+        raise SocoError(f"unknown model shape {name!r}; choose one of {', '.join(SHAPES)}")
+    config = LlamaConfig(**SHAPES[name], tie_word_embeddings=True, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype=parse_dtype(dtype) or torch.float32)
+    return model.to(device).eval()
+
+
 def load_models(spec: str | None, ratios: list[float], folders: list[str], settings: BenchSettings,
                 dtype: str | None = "float32") -> list[tuple[dict, nn.Module, int | None]]:
-    """The dense `spec`, one SVD copy per ratio (compressed in place), and saved compressed folders."""
+    """The dense `spec`, one SVD copy per ratio (compressed in place), and saved compressed folders.
+
+    `spec` may be "shape:NAME" for a random-weight model of a public shape (see `SHAPES`).
+    """
     from .compress import compress
     from .config import SVDConfig
     from .models import load_model
@@ -304,7 +335,10 @@ def load_models(spec: str | None, ratios: list[float], folders: list[str], setti
     out = []
     jobs = [(spec, None)] + [(spec, r) for r in ratios] + [(f, None) for f in folders]
     for path, ratio in tqdm(jobs, desc="loading models"):
-        model, tok = load_model(path, dtype, settings.device)
+        if path and path.startswith(SHAPE_PREFIX):
+            model, tok = random_model(path[len(SHAPE_PREFIX):], dtype, settings.device, settings.seed), None
+        else:
+            model, tok = load_model(path, dtype, settings.device)
         row: dict = {"label": "dense", "model": path or "default", "ratio": None, "achieved_ratio": 0.0}
         if ratio is not None:
             report = compress(model, SVDConfig(ratio=ratio))
@@ -313,7 +347,7 @@ def load_models(spec: str | None, ratios: list[float], folders: list[str], setti
             comp = model.config.compression
             row.update(label=os.path.basename(os.path.normpath(path)), ratio=comp.get("target_ratio"),
                        achieved_ratio=comp.get("achieved_ratio"))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = 0 if tok is None else tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         out.append((row, model, pad))
         release_memory()
     return out
@@ -361,7 +395,11 @@ def markdown_table(rows: list[dict], hardware: dict, settings: BenchSettings) ->
     if hw.get("load_average_1min") is not None:
         load = f"; 1-min load average {hw['load_average_1min']} at start, {hw.get('load_average_1min_end')} at end"
     memory = "CUDA allocated bytes" if rows[0].get("memory") == "cuda allocated" else "process RSS"
+    model = rows[0].get("model", "default")
+    weights = " (random weights in that public model's shape: speed depends on shapes only)" if str(
+        model).startswith(SHAPE_PREFIX) else ""
     notes = [
+        f"Model: {model}{weights}.",
         f"Hardware: {hw['cpu']}, {hw['usable_cpus']} usable CPUs, torch {hw['torch']} with {rows[0]['torch_threads']} "
         f"thread(s), device {hw['device']}" + (f" ({hw['gpu']})" if hw.get("gpu") else "") + load + ".",
         f"Batch 1, {hw.get('dtype', 'float32')}. Prefill: one forward pass filling the KV cache. Decode: greedy "

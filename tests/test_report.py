@@ -70,6 +70,8 @@ def write_fixtures(d: Path) -> None:
                       ("speed_cpu.json", speed), ("soco_bench.json", soco)]:
         (d / name).write_text(json.dumps(obj))
     (d / "compare_methods.png").write_bytes(b"\x89PNG")
+    (d / "decode_profile_cpu.md").write_text("| ms per decoded token | dense | svd 0.4 | dense / svd 0.4 |\n"
+                                              "|---|---:|---:|---:|\n| attention | 1.50 | 1.50 | 1.00 |\n")
 
 
 def test_report_renders_every_section(tmp_path):
@@ -86,7 +88,9 @@ def test_report_renders_every_section(tmp_path):
     assert "![perplexity vs ratio](../results/compare_methods.png)" in text
     assert "zeroshot_vs_ratio.png" not in text  # not produced in this fixture: no broken link
     assert "`python benchmarks/x.py --flag`" in text and "lm_eval 0.4.13" in text and "2026-01-02T03:04:05" in text
-    assert "Not measured yet" in text  # only the layer crossover file is absent
+    assert "### Where a decode step's time goes (ratio 0.4)\n\n| ms per decoded token |" in text
+    assert "| attention | 1.50 | 1.50 | 1.00 |" in text
+    assert "Not measured yet" in text  # the layer crossover and 360M files are absent
     assert report.main(["--results", str(results), "--out", str(out), "--check"]) == 0
     (results / "soco_bench.json").unlink()
     assert report.main(["--results", str(results), "--out", str(out), "--check"]) == 1
@@ -96,7 +100,8 @@ def test_report_missing_inputs_say_what_to_run(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
     text = out.read_text()
-    for script in ("compare_methods.py", "zeroshot.py", "speed.py", "soco_bench.py", "layer_crossover.py"):
+    for script in ("compare_methods.py", "zeroshot.py", "speed.py", "soco_bench.py", "layer_crossover.py",
+                   "decode_profile.py", "speed.py --model shape:smollm2-360m"):
         assert "Not measured yet: run `" in text and f"benchmarks/{script}" in text
     assert report.main(["--results", str(tmp_path), "--out", str(out), "--check"]) == 1
 

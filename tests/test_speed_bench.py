@@ -90,3 +90,44 @@ def test_speed_script_bad_input(capsys):
     with pytest.raises(SystemExit):
         speed.main(["--ratios", "1.5"])
     assert "ratio must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_speed_script_times_a_public_shape_with_random_weights(monkeypatch, tmp_path, capsys):
+    from soco_llm import bench
+
+    tiny_shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    monkeypatch.setitem(bench.SHAPES, "tiny-test", tiny_shape)
+    speed = load_script("speed")
+    out_json = tmp_path / "speed.json"
+    assert speed.main(["--model", "shape:tiny-test", "--ratios", "0.4", "--threads", "1", "--prefill-lengths", "8",
+                       "--decode-prompt", "8", "--new-tokens", "3", "--repeats", "1", "--warmup", "0",
+                       "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())["results"]
+    assert [r["label"] for r in rows] == ["dense", "svd 0.4"] and rows[1]["low_rank_layers"] == 14
+    assert rows[0]["params"] == bench.random_model("tiny-test").num_parameters()
+    assert "random weights in that public model's shape" in capsys.readouterr().out
+    assert speed.main(["--model", "shape:no-such-model", "--ratios", "0.4"]) == 2
+    assert "unknown model shape 'no-such-model'; choose one of" in capsys.readouterr().err
+
+
+def test_decode_profile_groups_a_decode_step(monkeypatch, tmp_path, capsys):
+    from soco_llm import bench
+
+    monkeypatch.setitem(bench.SHAPES, "tiny-test", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    profile = load_script("decode_profile")
+    assert profile.group_of("aten::mm") == "linears (mm, addmm)" and profile.group_of("aten::cat").startswith("concat")
+    assert profile.group_of("aten::rsqrt") == profile.OTHER
+    out_json, out_md = tmp_path / "p" / "profile.json", tmp_path / "p" / "profile.md"
+    assert profile.main(["--model", "shape:tiny-test", "--ratio", "0.4", "--decode-prompt", "8", "--new-tokens", "3",
+                         "--repeats", "1", "--json", str(out_json), "--markdown", str(out_md)]) == 0
+    data = json.loads(out_json.read_text())
+    dense, comp = data["rows"]["dense"], data["rows"]["svd 0.4"]
+    for row in (dense, comp):  # the groups add up to the profiled step
+        parts = sum(v for k, v in row.items() if not k.startswith("whole step"))
+        assert parts == pytest.approx(row[profile.STEP]) and row["linears (mm, addmm)"] > 0
+    assert data["summary"]["weight-bandwidth limit"] > 1
+    assert data["summary"]["linears alone"] == pytest.approx(dense["linears (mm, addmm)"] / comp["linears (mm, addmm)"])
+    assert out_md.read_text() in capsys.readouterr().out and "| linears (mm, addmm) |" in out_md.read_text()
+    assert profile.main(["--ratio", "1.2"]) == 2 and "--ratio must be in (0, 1)" in capsys.readouterr().err
