@@ -14,16 +14,20 @@ loaded and are timed round-robin, so changes in machine load hit them alike (see
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from soco_llm.bench import SHAPES, BenchSettings, hardware_info, markdown_table, run, write_text_atomic
+from soco_llm.bench import SHAPES, BenchSettings, combine_processes, hardware_info, markdown_table, run, write_text_atomic
 from soco_llm.errors import SocoError
 from soco_llm.io import atomic_write_json
+from tqdm.auto import tqdm
 
 
 def _ratio(text: str) -> float:
@@ -49,9 +53,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
                    help="keep glibc's allocator defaults (freed heap returned to the OS; noisier decode times)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="repeat the whole measurement in this many fresh processes, one after another, and report "
+                        "medians and the spread (processes differ more than repeats within one)")
     p.add_argument("--json", default=None, help="write the full results here (atomically)")
     p.add_argument("--markdown", default=None, help="write the Markdown table here (atomically)")
     return p
+
+
+def measure_in_subprocess(argv: list[str]) -> dict:
+    """The JSON results of one fresh `speed.py` process run with the same arguments (less --processes, outputs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *strip_options(argv), "--processes", "1", "--json", out]
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SocoError(f"a measuring process failed: {last}")
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def strip_options(argv: list[str]) -> list[str]:
+    """argv without --processes, --json and --markdown and their values."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--processes", "--json", "--markdown"):
+            skip = True
+        elif not a.startswith(("--processes=", "--json=", "--markdown=")):
+            out.append(a)
+    return out
 
 
 def measure(args, argv: list[str]) -> dict:
@@ -59,20 +92,25 @@ def measure(args, argv: list[str]) -> dict:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SocoError("--device cuda given but torch sees no CUDA device")
-    if args.new_tokens < 2 or min(args.prefill_lengths) < 1 or args.repeats < 1:
-        raise SocoError("--new-tokens must be >= 2, --prefill-lengths and --repeats >= 1")
+    if args.new_tokens < 2 or min(args.prefill_lengths) < 1 or args.repeats < 1 or args.processes < 1:
+        raise SocoError("--new-tokens must be >= 2, --prefill-lengths, --repeats and --processes >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = BenchSettings(args.prefill_lengths, args.decode_prompt, args.new_tokens, args.warmup, args.repeats,
                              args.device, args.threads, malloc_tuning=args.malloc_tuning and args.device == "cpu")
     hardware = {**hardware_info(args.device), "dtype": args.dtype}
-    rows = run(args.model, args.ratios, args.models, settings, args.dtype)
+    if args.processes > 1:
+        runs = [measure_in_subprocess(argv) for _ in tqdm(range(args.processes), desc="measuring processes")]
+        rows = combine_processes([r["results"] for r in runs])
+        settings.malloc_tuning = all(r["settings"]["malloc_tuning"] for r in runs)
+    else:
+        rows = run(args.model, args.ratios, args.models, settings, args.dtype)
     hardware["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     omp = os.environ.get("OMP_NUM_THREADS")
     command = (f"OMP_NUM_THREADS={omp} " if omp else "") + "python benchmarks/speed.py " + shlex.join(argv)
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     markdown = markdown_table(rows, hardware, settings) + f"\nCommand: `{command}` ({date}).\n"
-    return {"hardware": hardware, "settings": vars(settings), "results": rows, "command": command, "date": date,
+    return {"hardware": hardware, "settings": {**vars(settings), "processes": args.processes}, "results": rows, "command": command, "date": date,
             "markdown": markdown}
 
 

@@ -77,7 +77,7 @@ def test_speed_script_writes_json_and_markdown(model_dir, tmp_path, capsys):
     assert out_md.read_text() in capsys.readouterr().out
     assert not list(out_json.parent.glob(".*tmp*"))  # atomic writes leave no temporaries
     # what was run and how the allocator was set travel with the numbers
-    assert result["command"].startswith("python benchmarks/speed.py --model") and result["date"]
+    assert "python benchmarks/speed.py --model" in result["command"] and result["date"]
     assert f"Command: `{result['command']}`" in out_md.read_text()
     tuned = result["settings"]["malloc_tuning"]
     assert ("glibc keeps freed heap" if tuned else "the C library's defaults") in out_md.read_text()
@@ -131,3 +131,20 @@ def test_decode_profile_groups_a_decode_step(monkeypatch, tmp_path, capsys):
     assert data["summary"]["linears alone"] == pytest.approx(dense["linears (mm, addmm)"] / comp["linears (mm, addmm)"])
     assert out_md.read_text() in capsys.readouterr().out and "| linears (mm, addmm) |" in out_md.read_text()
     assert profile.main(["--ratio", "1.2"]) == 2 and "--ratio must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_speed_script_combines_fresh_processes(model_dir, tmp_path):
+    speed = load_script("speed")
+    assert speed.strip_options(["--ratios", "0.4", "--processes", "3", "--json", "a.json", "--markdown=b.md"]) == [
+        "--ratios", "0.4"]
+    out_json, out_md = tmp_path / "speed.json", tmp_path / "speed.md"
+    assert speed.main(["--model", str(model_dir), "--ratios", "0.4", "--threads", "1", "--prefill-lengths", "8",
+                       "--decode-prompt", "8", "--new-tokens", "3", "--repeats", "1", "--warmup", "0",
+                       "--processes", "2", "--json", str(out_json), "--markdown", str(out_md)]) == 0
+    result = json.loads(out_json.read_text())
+    dense, comp = result["results"]
+    assert result["settings"]["processes"] == 2 and len(comp["times"]) == 2
+    assert len(comp["decode_speedup_per_process"]) == 2 and dense["decode_speedup_per_process"] == [1.0, 1.0]
+    assert comp["decode_speedup"] == pytest.approx(dense["decode_ms_per_token"] / comp["decode_ms_per_token"])
+    text = out_md.read_text()
+    assert "decode × per process" in text and "the median over 2 such processes" in text
