@@ -4,9 +4,9 @@
     python benchmarks/report.py --check    # write nothing; exit 1 if a result JSON is missing or RESULTS.md is stale
 
 Inputs: compare_methods.json (perplexity), zeroshot.json (accuracy), speed_cpu.json (speed and
-memory), decode_profile_cpu.md, speed_cpu_360m.md, layer_crossover_cpu.md, soco_bench.json, and compare_methods.json in any subfolder
-(extra runs). A missing input gives a "not measured yet: run <command>" line in its section.
-The output has no generation date, so it changes only when the inputs change.
+memory), decode_profile_cpu.md, speed_cpu_360m.md, layer_crossover_cpu.md, soco_bench.json, and
+compare_methods.json in any subfolder (extra runs). A missing input gives a "not measured yet: run
+<command>" line in its section. The output has no generation date, so it changes only when the inputs change.
 """
 
 from __future__ import annotations
@@ -35,17 +35,19 @@ COMMANDS = {
     "zeroshot.json": "python benchmarks/zeroshot.py --methods svd svd-llm --ratios 0.2 0.4 0.6 "
                      "--tasks soco_piqa soco_openbookqa --limit 300, then --methods fwsvd asvd --ratios 0.4 and "
                      "--models soco@0.2=runs/bench/soco@0.2 soco@0.4=... soco@0.6=... with --resume",
-    "speed_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/speed.py --ratios 0.2 0.4 0.6 --threads 1 --repeats 7 "
-                      "--json benchmarks/results/speed_cpu.json --markdown benchmarks/results/speed_cpu.md",
+    "speed_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/speed.py --ratios 0.2 0.4 0.6 --threads 1 --repeats 5 "
+                      "--processes 3 --json benchmarks/results/speed_cpu.json "
+                      "--markdown benchmarks/results/speed_cpu.md",
     "soco_bench.json": "python benchmarks/soco_bench.py --full-ratios --quick-ratios 0.4 --threads 1, then "
                        "--export-from runs/bench/soco@0.4.run --no-ablation --quick-ratios --resume",
     "layer_crossover_cpu.md": "python benchmarks/layer_crossover.py --threads 1 "
                               "--markdown benchmarks/results/layer_crossover_cpu.md",
     "decode_profile_cpu.md": "OMP_NUM_THREADS=1 python benchmarks/decode_profile.py --ratio 0.4 --threads 1 "
-                             "--json benchmarks/results/decode_profile_cpu.json "
+                             "--new-tokens 64 --json benchmarks/results/decode_profile_cpu.json "
                              "--markdown benchmarks/results/decode_profile_cpu.md",
-    "speed_cpu_360m.md": "OMP_NUM_THREADS=1 python benchmarks/speed.py --model shape:smollm2-360m --ratios 0.2 0.4 0.6 "
-                         "--threads 1 --repeats 7 --json benchmarks/results/speed_cpu_360m.json "
+    "speed_cpu_360m.md": "OMP_NUM_THREADS=1 python benchmarks/speed.py --model shape:smollm2-360m --ratios 0.4 "
+                         "--threads 1 --repeats 3 --prefill-lengths 128 --processes 3 "
+                         "--json benchmarks/results/speed_cpu_360m.json "
                          "--markdown benchmarks/results/speed_cpu_360m.md",
 }
 CHANCE = {"piqa": 0.5, "boolq": 0.5, "winogrande": 0.5, "openbookqa": 0.25, "arc_easy": 0.25,
@@ -201,13 +203,17 @@ def speed_section(inputs: Inputs, out: Path) -> list[str]:
     else:
         hw, st = data["hardware"], data["settings"]
         lengths = [str(n) for n in st["prefill_lengths"]]
+        spread = "decode_speedup_per_process" in data["results"][0]
         lines += ["| model | achieved ratio | " + " | ".join(f"prefill@{n} tok/s (×)" for n in lengths)
-                  + " | decode tok/s (×) | decode × by CPU time | decode limit × | weights MiB | peak MiB |",
-                  "|---|---:|" + "---:|" * (len(lengths) + 5)]
+                  + " | decode tok/s (×) |" + (" decode × per process |" if spread else "")
+                  + " decode × by CPU time | decode limit × | weights MiB | peak MiB |",
+                  "|---|---:|" + "---:|" * (len(lengths) + 5 + spread)]
         for r in data["results"]:
             pre = " | ".join(f"{r['prefill_tok_s'][n]:.0f} ({r['prefill_speedup'][n]:.2f})" for n in lengths)
+            per = r.get("decode_speedup_per_process") or []
             lines.append(f"| {r['label']} | {r['achieved_ratio']:.3f} | {pre} | {r['decode_tok_s']:.1f} "
-                         f"({r['decode_speedup']:.2f}) | {r['decode_speedup_cpu']:.2f} | {r['decode_limit']:.2f} | "
+                         f"({r['decode_speedup']:.2f}) |" + (f" {min(per):.2f}–{max(per):.2f} |" if spread else "")
+                         + f" {r['decode_speedup_cpu']:.2f} | {r['decode_limit']:.2f} | "
                          f"{r['weight_bytes'] / 2**20:.1f} | {r['peak_mib']:.0f} |")
         md = inputs.text("speed_cpu.md") or ""
         found = re.search(r"Command: `([^`]+)`", md)
@@ -215,7 +221,10 @@ def speed_section(inputs: Inputs, out: Path) -> list[str]:
         lines += ["", f"Batch 1, {hw.get('dtype', 'float32')}, device {st['device']}. Prefill: one forward pass over "
                   f"the prompt. Decode: greedy generation after a {st['decode_prompt']}-token prompt, "
                   f"{st['new_tokens']} new tokens, prefill excluded. Median of {st['repeats']} after {st['warmup']} "
-                  "warm-up, all models timed round-robin in one process; (×) = against dense in the same run. "
+                  "warm-up, all models timed round-robin in one process"
+                  + (f", then the median over {st.get('processes')} such processes (*decode × per process*: the "
+                     "lowest and highest of their own ratios)" if spread else "")
+                  + "; (×) = against dense in the same run. "
                   "*decode limit ×*: dense / compressed weight bytes read per decode step, the speed-up if "
                   "decoding were purely bandwidth-bound. *peak MiB*: weights + working memory of one prefill and "
                   "decode run.", "",
@@ -227,7 +236,8 @@ def speed_section(inputs: Inputs, out: Path) -> list[str]:
                   f"{hw.get('load_average_1min_end')} at end (a shared machine: absolute tok/s are indicative)", ""]
         if found:
             link = Path(os.path.relpath(inputs.dir / "speed_cpu.md", out.parent)).as_posix()
-            lines += [f"Notes on why decode stays below the limit: [speed_cpu.md]({link}).", ""]
+            lines += [f"The same table with working memory: [speed_cpu.md]({link}); other runs (2 threads, glibc's "
+                      "allocator defaults, a saved SoCo model) are the `speed_cpu_*.md` files beside it.", ""]
     for name, title in (("decode_profile_cpu.md", "Where a decode step's time goes (ratio 0.4)"),
                         ("speed_cpu_360m.md", "A larger shape: SmolLM2-360M, random weights")):
         text = inputs.text(name)
