@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import statistics
 import sys
 import time
 from datetime import datetime, timezone
 
-from soco_llm.bench import (SHAPES, BenchSettings, decode_limit, hardware_info, load_models, tune_malloc,
+from soco_llm.bench import (SHAPES, BenchSettings, command_line, decode_limit, hardware_info, load_models, tune_malloc,
                             weight_stats, workloads, write_text_atomic)
 from soco_llm.errors import SocoError
 from soco_llm.io import atomic_write_json
@@ -163,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "gbs": [w["decode_params"] * elem / (rows[label][lin] / 1e3) / 1e9 for w, label in zip(wstats, labels)],
     }
     stats = summary(rows[labels[0]], rows[labels[1]], decode_limit(*wstats))
-    command = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
-    command += "python benchmarks/decode_profile.py " + shlex.join(argv)
+    command = command_line("benchmarks/decode_profile.py", argv)
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     text = markdown(rows, labels, stats, facts, command, date)
     print(text)

@@ -17,14 +17,14 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from soco_llm.bench import SHAPES, BenchSettings, combine_processes, hardware_info, markdown_table, run, write_text_atomic
+from soco_llm.bench import (SHAPES, BenchSettings, combine_processes, command_line, hardware_info, markdown_table, run,
+                            write_text_atomic)
 from soco_llm.errors import SocoError
 from soco_llm.io import atomic_write_json
 from tqdm.auto import tqdm
@@ -106,8 +106,7 @@ def measure(args, argv: list[str]) -> dict:
     else:
         rows = run(args.model, args.ratios, args.models, settings, args.dtype)
     hardware["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    omp = os.environ.get("OMP_NUM_THREADS")
-    command = (f"OMP_NUM_THREADS={omp} " if omp else "") + "python benchmarks/speed.py " + shlex.join(argv)
+    command = command_line("benchmarks/speed.py", argv)
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     markdown = markdown_table(rows, hardware, settings) + f"\nCommand: `{command}` ({date}).\n"
     return {"hardware": hardware, "settings": {**vars(settings), "processes": args.processes}, "results": rows, "command": command, "date": date,

@@ -280,6 +280,14 @@ def bench_model(model: nn.Module, settings: BenchSettings, pad_token_id: int | N
     return bench_models([(model, pad_token_id)], settings)[0]
 
 
+def command_line(script: str, argv: list[str]) -> str:
+    """The command that reproduces a benchmark run, with the OpenMP thread count it ran under."""
+    import shlex
+
+    omp = os.environ.get("OMP_NUM_THREADS")
+    return (f"OMP_NUM_THREADS={omp} " if omp else "") + f"python {script} " + shlex.join(argv)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write via a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
