@@ -3,12 +3,15 @@
     python benchmarks/speed.py --ratios 0.2 0.4 0.6                      # bundled model, SVD in-script
     python benchmarks/speed.py --models runs/a runs/b --device cuda      # saved compressed folders
     python benchmarks/speed.py --threads 2 --json out.json --markdown out.md
-    python benchmarks/speed.py --model shape:smollm2-360m --ratios 0.4       # a larger public shape, random weights
+    python benchmarks/speed.py --model shape:smollm2-360m --ratios 0.4   # a larger public shape, random weights
+    python benchmarks/speed.py --ratios 0.4 --threads 1 --processes 3    # medians over 3 fresh processes
 
 Compressed models come from `soco_llm.compress(model, SVDConfig(ratio=r))` (data-free; the
 method does not change the shapes, so it does not change speed) or from `--models` folders; the
 dense `--model` is always measured first and every ratio (×) is against it. All models stay
 loaded and are timed round-robin, so changes in machine load hit them alike (see soco_llm/bench.py).
+Fresh processes differ more than repeats within one (memory placement), so claims should rest
+on `--processes 3` or more.
 """
 
 from __future__ import annotations
