@@ -10,8 +10,8 @@ Compressed models come from `soco_llm.compress(model, SVDConfig(ratio=r))` (data
 method does not change the shapes, so it does not change speed) or from `--models` folders; the
 dense `--model` is always measured first and every ratio (×) is against it. All models stay
 loaded and are timed round-robin, so changes in machine load hit them alike (see soco_llm/bench.py).
-Fresh processes differ more than repeats within one (memory placement), so claims should rest
-on `--processes 3` or more.
+Fresh processes differ more than repeats within one (the cause is not isolated), so claims
+should rest on `--processes 3` or more.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def _ratio(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="dense model: folder, .gguf, hub id, or shape:NAME for random weights in a public model's shape "
-                        f"({', '.join(SHAPES)}; speed depends on shapes only) (default: bundled SmolLM2)")
+    p.add_argument("--model", default=None,
+                   help="dense model: folder, .gguf, hub id, or shape:NAME for random weights in a public model's "
+                        f"shape ({', '.join(SHAPES)}; speed depends on shapes only) (default: bundled SmolLM2)")
     p.add_argument("--ratios", type=_ratio, nargs="*", default=[0.2, 0.4, 0.6], help="SVD ratios compressed in-script")
     p.add_argument("--models", nargs="*", default=[], help="compressed model folders to measure as well")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -112,7 +113,8 @@ def measure(args, argv: list[str]) -> dict:
     command = command_line("benchmarks/speed.py", argv)
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     markdown = markdown_table(rows, hardware, settings) + f"\nCommand: `{command}` ({date}).\n"
-    return {"hardware": hardware, "settings": {**vars(settings), "processes": args.processes}, "results": rows, "command": command, "date": date,
+    settings_out = {**vars(settings), "processes": args.processes}
+    return {"hardware": hardware, "settings": settings_out, "results": rows, "command": command, "date": date,
             "markdown": markdown}
 
 

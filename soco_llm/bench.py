@@ -388,8 +388,9 @@ def add_speedups(rows: list[dict]) -> list[dict]:
 def combine_processes(runs: list[list[dict]]) -> list[dict]:
     """One row per model from several processes' rows: medians of each throughput, ratios recomputed.
 
-    Separate processes differ more than repeats within one (memory placement: the same model
-    measured 1.23x in one process and 1.36x in another), so the spread is kept per row.
+    Separate processes differ more than repeats within one (on an idle machine the default model at
+    0.4 gave 1.23x to 1.30x from one process to the next; the cause is not isolated), so the spread
+    is kept per row.
     """
     combined = []
     for rows in zip(*runs):
