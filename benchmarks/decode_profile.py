@@ -22,8 +22,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from soco_llm.bench import (SHAPES, BenchSettings, command_line, decode_limit, hardware_info, load_models, tune_malloc,
-                            weight_stats, workloads, write_text_atomic)
+from soco_llm.bench import (SHAPES, BenchSettings, command_line, decode_limit, hardware_info, load_models, time_once,
+                            tune_malloc, weight_stats, workloads, write_text_atomic)
 from soco_llm.errors import SocoError
 from soco_llm.io import atomic_write_json
 
@@ -61,20 +61,19 @@ def per_token(model, pad: int | None, settings: BenchSettings) -> dict[str, floa
     import torch
 
     work = workloads(model, settings, pad)
+    many_fn, one_fn = work["generate@N"], work["generate@1"]
+    device = next(model.parameters()).device
     n = settings.new_tokens
     with torch.no_grad():
         for _ in range(settings.warmup):
-            work["generate@N"](), work["generate@1"]()
+            many_fn()
+            one_fn()
         profiled, timed = [], []
         for _ in range(settings.repeats):
-            many, one = profile_ms(work["generate@N"]), profile_ms(work["generate@1"])
+            many, one = profile_ms(many_fn), profile_ms(one_fn)
             profiled.append({k: (many[k] - one[k]) / (n - 1) for k in many})
-            t = []
-            for name in ("generate@N", "generate@1"):
-                start = time.perf_counter()
-                work[name]()
-                t.append(time.perf_counter() - start)
-            timed.append(1e3 * (t[0] - t[1]) / (n - 1))
+            wall_many, wall_one = time_once(many_fn, device)[0], time_once(one_fn, device)[0]
+            timed.append(1e3 * (wall_many - wall_one) / (n - 1))
     out = {k: statistics.median(p[k] for p in profiled) for k in profiled[0]}
     out["whole step, not profiled"] = statistics.median(timed)
     return out
