@@ -10,7 +10,7 @@ cache, compress, score. Fresh processes keep the rows independent and make peak 
 per-row figure. Each finished row is checkpointed atomically into <out-dir>/compare_methods.json,
 so `--resume` continues an interrupted run. Outputs: compare_methods.{json,md,png}.
 
-Rows are named methods from `soco_llm.config.METHODS`, so any method registered there (e.g.
+Rows are named methods from `soco_llm.methods.base.METHODS`, so any method registered there (e.g.
 `soco`) runs through the same `config_for` / `compress` calls; `--set METHOD.FIELD=VALUE`
 passes method settings, `--methods soco soco-plain=soco --set soco-plain.basis=plain` adds a
 second, labelled row of one method, `--plugin MODULE` imports a module that registers more methods.
@@ -24,27 +24,26 @@ SoCo side by side with the baselines (issue 3's benchmark; see benchmarks/README
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import hashlib
 import importlib
 import json
 import logging
-import os
-import platform
-import shlex
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file, however it is loaded
+from harness import rows as runner  # noqa: E402
+from harness.environment import RESULTS, environment, repo_relative  # noqa: E402
+from harness.plots import pyplot, save_png  # noqa: E402
+from harness.rss import PeakRSS, mib, reset_peak_rss, rss_bytes, ru_maxrss_bytes, vm_hwm_bytes  # noqa: E402
+from harness.sizes import decoder_linear_inventory, decoder_linear_params, saved_size  # noqa: E402
+from harness.tables import fmt_ppl, perplexity_table  # noqa: E402
+
 log = logging.getLogger("compare_methods")
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "benchmarks" / "results"
 STEM = "compare_methods"
 RESULTS_VERSION = 1
 
@@ -81,7 +80,7 @@ def parse_settings(items: list[str]) -> dict[str, dict]:
 
 def ensure_method(method: str) -> None:
     """Make `method` known to config_for: it may live in a module that registers itself on import."""
-    from soco_llm.config import METHODS
+    from soco_llm.methods.base import METHODS
 
     if method in METHODS:
         return
@@ -95,7 +94,7 @@ def ensure_method(method: str) -> None:
 
 
 def build_rows(methods: list[str], sequential: bool, settings: dict[str, dict]) -> list[RowSpec]:
-    from soco_llm.config import METHODS
+    from soco_llm.methods.base import METHODS
 
     rows = []
     for item in methods:
@@ -120,203 +119,15 @@ def rows_to_run(finished: dict[str, dict], specs: list[RowSpec], ratios: list[fl
     return [(first + i, spec, r) for i, (spec, r) in enumerate(jobs) if spec.key(r) not in finished]
 
 
-# --------------------------------------------------------------------------- helpers
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def shown_path(p) -> str:
-    """Repo-relative when inside the repo, so committed results name no machine-specific folder."""
-    p = Path(p).resolve()
-    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
-
-
-def mib(nbytes: float) -> float:
-    return round(nbytes / 2**20, 1)
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) of this process; Linux only."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def vm_hwm_bytes() -> int | None:
-    """The kernel's RSS high-water mark since the last reset_peak_rss() (or process start)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def ru_maxrss_bytes() -> int:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-
-
-class RSSSampler:
-    """Samples this process's RSS in a thread; `peak` is the highest value seen while running."""
-
-    def __init__(self, interval: float = 0.01):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(argv: list[str]) -> dict:
-    import torch
-    import transformers
-
-    import soco_llm
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + shlex.join([os.path.relpath(argv[0], REPO) if os.path.isabs(argv[0]) else argv[0],
-                                          *argv[1:]]),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "soco_llm": soco_llm.__version__,
-        "git_commit": commit,
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": load,
-    }
-
-
 def tensor_digest(t) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- child: one row
 
-def decoder_linear_inventory(model) -> dict[str, tuple[int, int, bool]]:
-    from soco_llm.adapter import find_targets
-
-    return {t.name: (*t.shape, getattr(t.module, "bias", None) is not None) for t in find_targets(model)}
-
-
-def decoder_linear_params(model, inventory: dict[str, tuple[int, int, bool]]) -> tuple[int, int]:
-    """(old, new) decoder-linear parameter counts, counted independently of the compression report.
-
-    A compressed layer costs its factors (r*(m+n)) plus any bias it did not have before (SoCo's d);
-    a layer left dense costs m*n. Original biases are not counted, as in METHOD.md.
-    """
-    from soco_llm.layer import LowRankLinear
-
-    old = new = 0
-    for name, (m, n, had_bias) in inventory.items():
-        module = model.get_submodule(name)
-        old += m * n
-        if isinstance(module, LowRankLinear):
-            new += module.A.numel() + module.B.numel()
-            if module.bias is not None and not had_bias:
-                new += module.bias.numel()
-        else:
-            new += m * n
-    return old, new
-
-
-def decoder_linear_bytes(weights: Path, names: list[str]) -> int:
-    """Bytes of the tensors under the given module names in a safetensors file."""
-    from safetensors import safe_open
-
-    prefixes = tuple(n + "." for n in names)
-    total = 0
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            if key.startswith(prefixes):
-                sl = f.get_slice(key)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                total += numel * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(sl.get_dtype(), 4)
-    return total
-
-
-def saved_size(model, tok, report, names: list[str]) -> dict:
-    """Save the compressed model to a temp folder; compare its decoder-linear bytes with the dense copy's."""
-    import soco_llm
-    from soco_llm.models import default_model_dir
-
-    dense_file = default_model_dir() / "model.safetensors"
-    with tempfile.TemporaryDirectory(prefix="soco-bench-") as tmp:
-        out = soco_llm.save_compressed(model, tok, Path(tmp) / "model", report)
-        comp_file = out / "model.safetensors"
-        comp_lin = decoder_linear_bytes(comp_file, names)
-        comp_total = comp_file.stat().st_size
-    dense_lin = decoder_linear_bytes(dense_file, names)
-    dense_total = dense_file.stat().st_size
-    return {
-        "decoder_linear_bytes_compressed": comp_lin,
-        "decoder_linear_bytes_dense": dense_lin,
-        "decoder_linear_fraction": comp_lin / dense_lin,
-        "file_bytes_compressed": comp_total,
-        "file_bytes_dense": dense_total,
-        "file_fraction": comp_total / dense_total,
-    }
-
-
-def run_single(job_path: Path) -> None:
-    """Child process: one method x ratio. Reads the job JSON, writes the row JSON to job['result']."""
+def run_single(job: dict) -> dict:
+    """Child process (`--single JOB.json`): one method x ratio, returned as its row."""
     t_start = time.perf_counter()
-    job = json.loads(job_path.read_text())
     for mod in job.get("plugins", []):
         importlib.import_module(mod)
 
@@ -324,7 +135,6 @@ def run_single(job_path: Path) -> None:
     from safetensors.torch import load_file
 
     import soco_llm
-    from soco_llm.config import CalibrationConfig
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
@@ -335,19 +145,21 @@ def run_single(job_path: Path) -> None:
         config.run_dir, config.resume = str(Path(job["save_dir"]) / f"{job['key']}.run"), True
     calib = load_file(job["calib_path"])["windows"]  # safetensors: no pickle between processes
     c = job["calibration"]
-    calib_cfg = CalibrationConfig(c["source"], c["num_samples"], c["seq_len"], c["seed"], c["batch_size"])
+    calib_cfg = config.calibration(c["source"], c["seed"], num_samples=c["num_samples"], seq_len=c["seq_len"],
+                                   batch_size=c["batch_size"])
 
     t0 = time.perf_counter()
     model, tok = soco_llm.load_model()
     load_s = time.perf_counter() - t0
-    own = {k: getattr(config, k) for k in ("num_samples", "seq_len") if hasattr(config, k)}
-    if own:  # a trained method (SoCo) samples its own windows, from the same passages and seed
-        calib = soco_llm.calibration_windows(tok, c["source"], seed=c["seed"], **own)
+    if (calib_cfg.num_samples, calib_cfg.seq_len) != (c["num_samples"], c["seq_len"]):
+        # a trained method (SoCo) samples windows of its own size, from the same passages and seed
+        calib = soco_llm.calibration_windows(tok, c["source"], num_samples=calib_cfg.num_samples,
+                                             seq_len=calib_cfg.seq_len, seed=c["seed"])
     inventory = decoder_linear_inventory(model)
-    rss_before = RSSSampler().proc.memory_info().rss
+    rss_before = rss_bytes()
 
     hwm_reset = reset_peak_rss()  # so the kernel's high-water mark covers compression alone
-    with RSSSampler() as sampler:
+    with PeakRSS(interval=0.01) as sampler:  # 10 ms, as the JSON says ("peak_rss_source")
         t0 = time.perf_counter()
         report = soco_llm.compress(model, config, calib, calib_cfg)
         compress_s = time.perf_counter() - t0
@@ -365,7 +177,7 @@ def run_single(job_path: Path) -> None:
         "label": job["label"],
         "method": job["method"],
         "settings": job["settings"],
-        "config": {**config.to_dict(), **({"run_dir": shown_path(config.run_dir)} if getattr(config, "run_dir", None) else {})},
+        "config": {**config.to_dict(), **({"run_dir": repo_relative(config.run_dir)} if getattr(config, "run_dir", None) else {})},
         "calibration": {"num_samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
         "target_ratio": job["ratio"],
         "achieved_ratio": 1.0 - new / old,
@@ -397,55 +209,21 @@ def run_single(job_path: Path) -> None:
     if job.get("measure_size"):
         row["saved_size"] = saved_size(model, tok, report, list(inventory))
     if job.get("save_dir"):  # keep the compressed model, e.g. for benchmarks/zeroshot.py --models
-        row["saved_to"] = shown_path(soco_llm.save_compressed(model, tok, Path(job["save_dir"]) / job["key"], report,
+        row["saved_to"] = repo_relative(soco_llm.save_compressed(model, tok, Path(job["save_dir"]) / job["key"], report,
                                                               overwrite=True))
     row["child_s"] = round(time.perf_counter() - t_start, 2)
-    atomic_write_json(Path(job["result"]), row)
+    return row
 
 
 # --------------------------------------------------------------------------- parent
 
-def run_child(job: dict, work: Path, quiet: bool) -> dict:
-    job_path = work / f"job-{abs(hash(job['key']))}.json"
-    job["result"] = str(work / f"row-{abs(hash(job['key']))}.json")
-    job_path.write_text(json.dumps(job))
-    env = dict(os.environ)
-    if quiet:
-        env["TQDM_DISABLE"] = "1"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--single", str(job_path)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None if not quiet else subprocess.PIPE,
-                          text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0 or not Path(job["result"]).is_file():
-        tail = (proc.stderr or "").strip().splitlines()[-5:] if quiet else []
-        raise RuntimeError(f"{job['key']}: child exited with {proc.returncode}" + (": " + " | ".join(tail) if tail else ""))
-    row = json.loads(Path(job["result"]).read_text())
-    row["process_wall_s"] = round(wall, 2)
-    return row
-
-
-def fmt_ppl(x: float | None) -> str:
-    if x is None:
-        return "—"
-    if x != x or x == float("inf"):
-        return str(x)
-    if x >= 1e5:
-        return f"{x:.2e}"
-    if x >= 1000:
-        return f"{x:.0f}"
-    return f"{x:.1f}" if x >= 100 else f"{x:.3g}"
-
-
 def render_markdown(results: dict) -> str:
-    from soco_llm.ranks import RATIO_DEFINITION
+    from soco_llm.core.budget import RATIO_DEFINITION
 
     rows = results["rows"]
     env = results["environment"]
     s = results["settings"]
     dense = results.get("dense") or {}
-    ratios = sorted({r["target_ratio"] for r in rows.values()})
-    labels = list(dict.fromkeys(r["label"] for r in sorted(rows.values(), key=lambda r: r["order"])))
     lines = [
         "# Compression methods compared on the bundled default model",
         "",
@@ -462,17 +240,7 @@ def render_markdown(results: dict) -> str:
         "",
         "## Perplexity (lower is better)",
         "",
-        "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |",
-        "|---|" + "---:|" * len(ratios),
-    ]
-    for label in labels:
-        cells = []
-        for r in ratios:
-            row = rows.get(f"{label}@{r:g}")
-            cells.append(fmt_ppl(row["perplexity"]) if row else "—")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+        *perplexity_table(results),
         "## Cost and achieved size",
         "",
         "Each row runs in its own fresh process. *compress (s)*: wall time of `compress()` "
@@ -509,8 +277,8 @@ def render_markdown(results: dict) -> str:
         *[f"- resumed from an earlier run ({e.get('date')}): `{e.get('command')}`" for e in env.get("earlier_runs", [])],
         f"- date: {env['date']}; git commit {env.get('git_commit')}",
         f"- torch {env['torch']}, transformers {env['transformers']}, python {env['python']}",
-        f"- CPU: {env['cpu']}, {env['cpu_count']} cores, torch threads {env['torch_threads']}; "
-        f"load average at start {env.get('load_average_at_start')} (the machine is shared: times are indicative)",
+        f"- CPU: {env['cpu']}, {env['logical_cpus']} cores, torch threads {env['torch_threads']}; "
+        f"1-min load average at start {env.get('load_average_1min')} (the machine is shared: times are indicative)",
         "",
         "![perplexity vs ratio](compare_methods.png)",
         "",
@@ -519,13 +287,8 @@ def render_markdown(results: dict) -> str:
 
 
 def render_plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = sorted(results["rows"].values(), key=lambda r: (r["order"], r["target_ratio"]))
-    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(8.5, 4.5))
     for label in dict.fromkeys(r["label"] for r in rows):
         pts = [(r["target_ratio"], r["perplexity"]) for r in rows if r["label"] == label]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -538,11 +301,7 @@ def render_plot(results: dict, path: Path) -> None:
     ax.set_title(f"{results['settings']['model']}: perplexity vs ratio")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)  # outside: lines never hidden
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path, dpi=120)
 
 
 def print_table(results: dict) -> None:
@@ -559,6 +318,8 @@ def print_table(results: dict) -> None:
 
 
 def write_outputs(results: dict, out_dir: Path) -> None:
+    from soco_llm.io.atomic import atomic_write_json, atomic_write_text
+
     atomic_write_json(out_dir / f"{STEM}.json", results)
     if results["rows"]:
         atomic_write_text(out_dir / f"{STEM}.md", render_markdown(results))
@@ -570,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["svd", "fwsvd", "asvd", "svd-llm"],
-                   help="registered method names (soco_llm.config.METHODS), or LABEL=METHOD for another row of a "
+                   help="registered method names (soco_llm.methods.base.METHODS), or LABEL=METHOD for another row of a "
                         "method with its own --set LABEL.FIELD=VALUE; default: svd fwsvd asvd svd-llm")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
     p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
@@ -595,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows run at once, each in its own process (default 1; more share the CPU, so times are "
                         "only comparable within one setting)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--resume", action="store_true", help="skip rows already in <out-dir>/compare_methods.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars from the child processes")
     p.add_argument("--single", type=Path, help=argparse.SUPPRESS)
@@ -605,13 +366,12 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     logging.getLogger("soco_llm").setLevel(logging.WARNING)
     if args.single:
-        run_single(args.single)
+        runner.child(args.single, run_single)
         return 0
 
     for mod in args.plugin:
         importlib.import_module(mod)
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     import soco_llm
     from soco_llm.models import DEFAULT_MODEL
@@ -636,19 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         "eval": {"source": args.eval_data, "seq_len": args.eval_seq_len, "windows": args.eval_windows,
                  "batch_size": args.eval_batch_size},
     }
-    results = {"version": RESULTS_VERSION, "settings": settings, "environment": environment(argv),
-               "dense": None, "rows": {}}
-    if args.resume and results_path.is_file():
-        old = json.loads(results_path.read_text())
-        if old.get("settings") != settings:
-            raise SystemExit(f"{results_path} was made with other settings ({old.get('settings')}); "
-                             "use another --out-dir or drop --resume")
-        results["dense"] = old.get("dense")
-        results["rows"] = {k: v for k, v in old.get("rows", {}).items() if "error" not in v}
-        prev = old.get("environment") or {}
-        results["environment"]["earlier_runs"] = prev.get("earlier_runs", []) + [
-            {k: prev.get(k) for k in ("date", "command", "git_commit", "load_average_at_start")}]
-        log.info("resuming: %d finished rows in %s", len(results["rows"]), results_path)
+    fresh = {"version": RESULTS_VERSION, "settings": settings, "environment": environment(__file__, argv[1:]),
+             "dense": None, "rows": {}}
+    results = runner.start(results_path, fresh, args.resume, "compare_methods.py", carry=("dense",))
 
     if results["dense"] is None:
         t0 = time.perf_counter()
@@ -659,44 +409,32 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(results, out_dir)
     del model  # children load their own copy from the safetensors cache
 
-    todo = rows_to_run(results["rows"], rows_spec, args.ratios)
-    failures = []
+    todo = {spec.key(r): (order, spec, r) for order, spec, r in rows_to_run(results["rows"], rows_spec, args.ratios)}
     with tempfile.TemporaryDirectory(prefix="compare-methods-") as work:
         work = Path(work)
         calib_path = work / "calib.safetensors"
         save_file({"windows": calib.contiguous()}, str(calib_path))
-        bar = tqdm(total=len(todo), desc="rows", unit="row")
-        lock = threading.Lock()
 
-        def one_row(order: int, spec: RowSpec, r: float) -> None:
-            key = spec.key(r)
+        def run(key: str, todo_item: tuple[int, RowSpec, float]) -> dict:
+            _, spec, r = todo_item
             job = {"key": key, "label": spec.label, "method": spec.method, "settings": spec.settings, "ratio": r,
                    "calib_path": str(calib_path), "calibration": settings["calibration"],
                    "eval": settings["eval"], "threads": args.threads, "plugins": args.plugin,
                    "measure_size": key == args.size_row,
                    "save_dir": str(args.save_models.resolve()) if args.save_models else None}
-            try:
-                row = run_child(job, work, args.quiet)
-            except RuntimeError as e:
-                log.error("%s", e)
-                with lock:
-                    failures.append(key)
-                    bar.update()
-                return
+            return runner.run_fresh(__file__, "--single", key, job, work, args.quiet)
+
+        def done(key: str, todo_item: tuple[int, RowSpec, float], row: dict) -> None:
+            order, spec, r = todo_item
             row["order"], row["parallel_jobs"] = order, args.jobs
-            with lock:
-                results["rows"][key] = row
-                log.info("%-14s ratio %.2f (achieved %.4f): perplexity %s, compress %.1fs, peak RSS %.0f MiB",
-                         spec.label, r, row["achieved_ratio"], fmt_ppl(row["perplexity"]), row["compress_s"],
-                         row["peak_rss_mib"])
-                write_outputs(results, out_dir)  # checkpoint: an interrupted run resumes from here
-                bar.update()
+            results["rows"][key] = row
+            log.info("%-14s ratio %.2f (achieved %.4f): perplexity %s, compress %.1fs, peak RSS %.0f MiB",
+                     spec.label, r, row["achieved_ratio"], fmt_ppl(row["perplexity"]), row["compress_s"],
+                     row["peak_rss_mib"])
+            write_outputs(results, out_dir)  # checkpoint: an interrupted run resumes from here
 
         # Rows are independent processes; --jobs N runs N at once (their times then share the CPU).
-        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-            for f in [pool.submit(one_row, *item) for item in todo]:
-                f.result()
-        bar.close()
+        failures = runner.run_rows(todo, run, done, parallel=max(args.jobs, 1))
     write_outputs(results, out_dir)
     print_table(results)
     if failures:

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from pathlib import Path
 
-from soco_llm.bench import (SHAPES, BenchSettings, command_line, decode_limit, hardware_info, load_models, time_once,
-                            tune_malloc, weight_stats, workloads, write_text_atomic)
 from soco_llm.errors import SocoError
-from soco_llm.io import atomic_write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file, however it is loaded
+from harness.environment import command_line, hardware_info, load_average_1min, utc_now  # noqa: E402
+from harness.outputs import emit  # noqa: E402
+from harness.rss import MiB, tune_malloc  # noqa: E402
+from harness.shapes import SHAPES, load_models  # noqa: E402
+from harness.sizes import decode_limit, weight_stats  # noqa: E402
+from harness.timing import BenchSettings, time_once, workloads  # noqa: E402
 
 GROUPS = {  # group -> op-name prefixes; the first match wins
     "linears (mm, addmm)": ("aten::mm", "aten::addmm"),
@@ -156,20 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     facts = {
         "model": args.model or "default (bundled SmolLM2-135M-Instruct)", "hardware": hardware,
         "threads": torch.get_num_threads(), "prompt": args.decode_prompt, "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "load_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "mib": [w["decode_params"] * elem / 2**20 for w in wstats],
+        "repeats": args.repeats, "load_end": load_average_1min(),
+        "mib": [w["decode_params"] * elem / MiB for w in wstats],
         "gbs": [w["decode_params"] * elem / (rows[label][lin] / 1e3) / 1e9 for w, label in zip(wstats, labels)],
     }
     stats = summary(rows[labels[0]], rows[labels[1]], decode_limit(*wstats))
-    command = command_line("benchmarks/decode_profile.py", argv)
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    text = markdown(rows, labels, stats, facts, command, date)
-    print(text)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        atomic_write_json(args.json, {"rows": rows, "summary": stats, "facts": facts, "command": command, "date": date})
-    if args.markdown:
-        write_text_atomic(args.markdown, text)
+    command = command_line(__file__, argv)
+    date = utc_now()
+    emit(markdown(rows, labels, stats, facts, command, date), args.markdown, args.json,
+         {"rows": rows, "summary": stats, "facts": facts, "command": command, "date": date})
     return 0
 
 

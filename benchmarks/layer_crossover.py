@@ -4,17 +4,22 @@
     python benchmarks/layer_crossover.py --threads 2 --markdown benchmarks/results/layer_crossover_cpu.md
 
 The merged form rebuilds B·A on every call, as `LowRankLinear` does when `merge_min_tokens`
-is set; the table says which form is fastest at each token count (see soco_llm/layer.py).
+is set; the table says which form is fastest at each token count (see soco_llm/core/layer.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from soco_llm.bench import crossover_table, hardware_info, layer_crossover, write_text_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file, however it is loaded
+from harness.environment import hardware_info  # noqa: E402
+from harness.outputs import emit  # noqa: E402
+from harness.tables import crossover_table  # noqa: E402
+from harness.timing import layer_crossover  # noqa: E402
 
 # (out, in) of SmolLM2-135M's decoder linears: q/o, k/v, gate/up, down
 DEFAULT_SHAPES = ["576x576", "192x576", "1536x576", "576x1536"]
@@ -44,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (crossover_table(rows) + f"\nfloat32, batch 1, ratio {args.ratio} (uniform rank), median µs per call "
             f"(torch.utils.benchmark). {hw['cpu']}, torch {hw['torch']}, {torch.get_num_threads()} thread(s), "
             f"1-min load average {hw.get('load_average_1min')}.\n")
-    print(text)
-    if args.markdown:
-        write_text_atomic(args.markdown, text)
+    emit(text, args.markdown)
     return 0
 
 

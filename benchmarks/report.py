@@ -19,12 +19,12 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import fmt_ppl  # noqa: E402  one number format for every table
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file, however it is loaded
+from harness.environment import REPO, RESULTS  # noqa: E402
+from harness.tables import acc_cell, chances, perplexity_table  # noqa: E402  the scripts' own formats
 
 log = logging.getLogger("report")
 
-REPO = Path(__file__).resolve().parent.parent
 COMMANDS = {
     "compare_methods.json": "python benchmarks/compare_methods.py --methods svd fwsvd asvd svd-llm soco "
                             "--ratios 0.2 0.4 0.6 --sequential --jobs 2 --threads 1 --save-models runs/bench --quiet, "
@@ -50,8 +50,6 @@ COMMANDS = {
                          "--json benchmarks/results/speed_cpu_360m.json "
                          "--markdown benchmarks/results/speed_cpu_360m.md",
 }
-CHANCE = {"piqa": 0.5, "boolq": 0.5, "winogrande": 0.5, "openbookqa": 0.25, "arc_easy": 0.25,
-          "arc_challenge": 0.25, "hellaswag": 0.25}
 
 
 class Inputs:
@@ -81,13 +79,6 @@ def not_measured(name: str) -> list[str]:
     return [f"*Not measured yet: run `{COMMANDS[name]}`.*", ""]
 
 
-def acc_cell(metrics: dict | None, key: str = "acc") -> str:
-    if not metrics or key not in metrics:
-        return "—"
-    se = metrics.get(f"{key}_stderr")
-    return f"{metrics[key]:.3f} ± {se:.3f}" if isinstance(se, (int, float)) else f"{metrics[key]:.3f}"
-
-
 def image(inputs: Inputs, out: Path, name: str, alt: str) -> list[str]:
     path = inputs.dir / name
     if not path.is_file():
@@ -95,7 +86,7 @@ def image(inputs: Inputs, out: Path, name: str, alt: str) -> list[str]:
     return [f"![{alt}]({Path(os.path.relpath(path, out.parent)).as_posix()})", ""]
 
 
-def env_lines(env: dict, extra: str = "") -> list[str]:
+def env_lines(env: dict, extra: str = "", show_resumed: bool = False) -> list[str]:
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformers", "lm_eval", "python") if env.get(k))
     cores = env.get("cpu_count") or env.get("usable_cpus")
     load = env.get("load_average_at_start") or env.get("load_average_1min") or "not recorded"
@@ -105,32 +96,21 @@ def env_lines(env: dict, extra: str = "") -> list[str]:
              f"- {versions}",
              f"- CPU: {env.get('cpu', '?')}, {cores} cores, torch threads {env.get('torch_threads', '?')}; "
              f"load average at start {load} (a shared machine: times are indicative)"]
-    if env.get("resumed_from"):
-        lines.append(f"- resumed a run started {env['resumed_from'].get('date', '?')}")
+    # the run this one resumed (older zeroshot.json files name it "resumed_from")
+    earlier = env.get("earlier_runs") or ([env["resumed_from"]] if env.get("resumed_from") else [])
+    if show_resumed and earlier:
+        lines.append(f"- resumed a run started {earlier[-1].get('date', '?')}")
     return lines + [""]
 
 
 # --------------------------------------------------------------------------- sections
 
 def ratio_section() -> list[str]:
-    from soco_llm.ranks import RATIO_DEFINITION
+    from soco_llm.core.budget import RATIO_DEFINITION
 
     return ["## Compression ratio", "", f"{RATIO_DEFINITION}.", "",
             "A ratio of 0.4 removes 40 % of those parameters. Baselines use the uniform rank "
             "r = ⌊m·n·(1−ratio)/(m+n)⌋; SoCo chooses ranks per layer by its learned scores.", ""]
-
-
-def perplexity_table(data: dict) -> list[str]:
-    rows = sorted(data.get("rows", {}).values(), key=lambda r: (r.get("order", 1e9), r["target_ratio"]))
-    ratios = sorted({r["target_ratio"] for r in rows})
-    dense = (data.get("dense") or {}).get("perplexity")
-    lines = ["| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---:|" * len(ratios),
-             "| dense | " + " | ".join(fmt_ppl(dense) for _ in ratios) + " |"]
-    by_key = {(r["label"], r["target_ratio"]): r for r in rows}
-    for label in dict.fromkeys(r["label"] for r in rows):
-        lines.append(f"| {label} | " + " | ".join(fmt_ppl(by_key[label, x]["perplexity"]) if (label, x) in by_key
-                                                    else "—" for x in ratios) + " |")
-    return lines + [""]
 
 
 def perplexity_section(inputs: Inputs, out: Path) -> list[str]:
@@ -147,7 +127,7 @@ def perplexity_section(inputs: Inputs, out: Path) -> list[str]:
               f"{s['calibration']['seed']}), the same for every method.", ""]
     if not rows:
         return lines + ["No compressed rows yet.", ""] + env_lines(data["environment"])
-    lines += perplexity_table(data)
+    lines += perplexity_table(data, with_dense=True)
     gap = max(abs(r["achieved_ratio"] - r["target_ratio"]) for r in rows)
     lines += [f"Achieved ratios are within {gap:.4f} of the targets. Cost per row (compression time, peak "
               f"memory, ranks, saved size): [compare_methods.md]"
@@ -164,7 +144,7 @@ def perplexity_section(inputs: Inputs, out: Path) -> list[str]:
             own = {json.dumps(r.get("calibration"), sort_keys=True) for r in more["rows"].values()}
             c = json.loads(own.pop()) if len(own) == 1 and "null" not in own else more["settings"]["calibration"]
             lines += [f"### Extra run: `{extra.parent.name}` ({c['num_samples']} calibration windows of "
-                      f"{c['seq_len']})", ""] + perplexity_table(more) + [
+                      f"{c['seq_len']})", ""] + perplexity_table(more, with_dense=True) + [
                       f"Command: `{more['environment'].get('command')}`; date {more['environment'].get('date')}.", ""]
     return lines
 
@@ -179,9 +159,8 @@ def zeroshot_section(inputs: Inputs, out: Path, ratio: float) -> list[str]:
     rows = sorted((r for r in data.get("rows", {}).values()
                    if r["method"] == "dense" or abs(r["ratio"] - ratio) < 1e-9), key=lambda r: r.get("order", 1e9))
     limit = f"the first {s['limit']} documents" if s.get("limit") else "all documents"
-    chance = [f"{t} {CHANCE[t.removeprefix('soco_')]:g}" for t in tasks if t.removeprefix("soco_") in CHANCE]
     lines += [f"Model {s['model']}, lm-eval {s.get('num_fewshot', 0)}-shot, {limit} of each task; dense against every "
-              f"model at ratio {ratio:g}. Cells: accuracy ± standard error. Chance: {', '.join(chance) or '?'}.", "",
+              f"model at ratio {ratio:g}. Cells: accuracy ± standard error. Chance: {chances(tasks) or '?'}.", "",
               "| model | achieved ratio | " + " | ".join(tasks) + " |", "|---|---:|" + "---:|" * len(tasks)]
     for r in rows:
         ach = r.get("achieved_ratio")
@@ -192,7 +171,7 @@ def zeroshot_section(inputs: Inputs, out: Path, ratio: float) -> list[str]:
     link = Path(os.path.relpath(inputs.dir / "zeroshot.md", out.parent)).as_posix()
     lines += ["", f"Every ratio, and acc_norm: [zeroshot.md]({link}).", ""]
     lines += image(inputs, out, "zeroshot_vs_ratio.png", "zero-shot accuracy vs ratio")
-    return lines + env_lines(data["environment"], f"; --limit {s.get('limit')}")
+    return lines + env_lines(data["environment"], f"; --limit {s.get('limit')}", show_resumed=True)
 
 
 def speed_section(inputs: Inputs, out: Path) -> list[str]:
@@ -286,7 +265,7 @@ def render(results_dir: Path, out: Path, zeroshot_ratio: float = 0.4) -> tuple[s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results", help="result files folder")
+    p.add_argument("--results", type=Path, default=RESULTS, help="result files folder")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "RESULTS.md")
     p.add_argument("--zeroshot-ratio", type=float, default=0.4, help="ratio of the zero-shot table (default 0.4)")
     p.add_argument("--check", action="store_true",
@@ -308,10 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         if stale:
             log.error("%s is out of date; run: python benchmarks/report.py", args.out)
         return 1 if missing or stale else 0
+    from soco_llm.io.atomic import atomic_write_text  # only here: checking and rendering need no torch
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, text)
     log.info("wrote %s%s", args.out, f"; not measured yet: {', '.join(missing)}" if missing else "")
     return 0
 

@@ -18,21 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-OUT = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file, however it is loaded
+from harness import rows as runner  # noqa: E402
+from harness.environment import RESULTS, command_line, environment  # noqa: E402
+from harness.rss import MiB, ru_maxrss_bytes  # noqa: E402
+
 ABLATION_RATIO = 0.4
 
 
 def ablations(quick: dict) -> dict[str, dict]:
-    from soco_llm.soco import SoCoConfig
+    from soco_llm.methods.soco.config import SoCoConfig
 
     s1, s2, s3 = SoCoConfig(ratio=ABLATION_RATIO, **quick).stages()
     return {"stage 1 off": {"stage_steps": [0, s1 + s2, s3]}, "stage 2 off": {"stage_steps": [s1 + s2, 0, s3]},
@@ -42,11 +42,11 @@ def ablations(quick: dict) -> dict[str, dict]:
 
 
 def run_row(spec: dict) -> dict:
-    """One row, in this (child) process."""
+    """One row, in this (child) process (`--row JOB.json`)."""
     import torch
 
     import soco_llm
-    from soco_llm.soco import SoCoConfig
+    from soco_llm.methods.soco.config import SoCoConfig
 
     torch.set_num_threads(spec["threads"])
     if spec.get("export_from"):
@@ -65,14 +65,16 @@ def run_row(spec: dict) -> dict:
     return {"ratio": spec["ratio"], "perplexity": ppl.perplexity, "tokens": ppl.tokens,
             "achieved": report.achieved_ratio, "seconds": seconds, "rank_min": min(ranks), "rank_max": max(ranks),
             "final_kl": final.get("kl"), "settings": spec.get("settings", {}),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": ru_maxrss_bytes() / MiB}
 
 
 def render(res: dict) -> str:
     env = res["environment"]
+    threads = env.get("threads_requested", env.get("threads"))  # files from before the harness: "threads", "load"
+    load = env.get("load_average_1min", env.get("load"))
     lines = ["# SoCo on the default model", "",
              f"Command: `{res['command']}`  ", f"{env['date']}; torch {env['torch']}, transformers {env['transformers']}, "
-             f"{env['cpu']}, {env['threads']} torch threads; load average at start {env['load']} "
+             f"{env['cpu']}, {threads} torch threads; load average at start {load} "
              "(a shared machine: times are indicative).", "",
              "Perplexity on the first 24 held-out windows of 512 tokens (BoolQ dev passages, BOS prepended).",
              "Ratio = 1 − new/old over decoder-block linears (embeddings and LM head excluded); SoCo's bias d "
@@ -94,21 +96,6 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment(threads: int) -> dict:
-    import torch
-    import transformers
-
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-            "transformers": transformers.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": threads, "load": [round(x, 1) for x in os.getloadavg()]}
-
-
-def atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full-ratios", nargs="*", type=float, default=[0.4])
@@ -122,56 +109,60 @@ def main() -> int:
                     help="run only the rows with these names (e.g. 'plain basis @ 0.4'); default: all planned rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--out-dir", type=Path, default=OUT)
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
-    ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    ap.add_argument("--row", type=Path, help=argparse.SUPPRESS)  # internal: run one row in this process
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.row:
-        print("ROW " + json.dumps(run_row(json.loads(args.row))))
+        runner.child(args.row, run_row)
         return 0
-    from soco_llm.soco import QUICK
+    from soco_llm.io.atomic import atomic_write_json, atomic_write_text
+    from soco_llm.methods.soco.config import SoCoConfig
 
-    path = args.out_dir / "soco_bench.json"
+    quick = SoCoConfig.presets["quick"]
+    path, md = args.out_dir / "soco_bench.json", args.out_dir / "soco_bench.md"
     if args.render_only:
-        (args.out_dir / "soco_bench.md").write_text(render(json.loads(path.read_text())))
+        atomic_write_text(md, render(json.loads(path.read_text())))
         return 0
-    res = json.loads(path.read_text()) if args.resume and path.is_file() else {"rows": {}}
-    res.update(command="python benchmarks/soco_bench.py " + " ".join(sys.argv[1:]), environment=environment(args.threads))
+    fresh = {"rows": {}, "command": command_line(__file__, sys.argv[1:]),
+             "environment": environment(__file__, sys.argv[1:], threads_requested=args.threads)}
+    res = runner.start(path, fresh, args.resume, "soco_bench.py")
     work = Path(tempfile.mkdtemp(prefix="soco-bench-"))
     quick_run = work / "quick-0.4.run"
     plan: list[tuple[str, dict]] = [(f"soco @ {r}", {"ratio": r, "settings": {}}) for r in args.full_ratios]
     for r in args.quick_ratios:
-        settings = dict(QUICK, run_dir=str(quick_run)) if r == ABLATION_RATIO else dict(QUICK)
+        settings = dict(quick, run_dir=str(quick_run)) if r == ABLATION_RATIO else dict(quick)
         plan.append((f"soco quick @ {r}", {"ratio": r, "settings": settings}))
     if args.ablation:
-        plan += [(f"{name} @ {ABLATION_RATIO}", {"ratio": ABLATION_RATIO, "settings": {**QUICK, **s}})
-                 for name, s in ablations(QUICK).items()]
+        plan += [(f"{name} @ {ABLATION_RATIO}", {"ratio": ABLATION_RATIO, "settings": {**quick, **s}})
+                 for name, s in ablations(quick).items()]
     source = args.export_from or quick_run
     plan += [(f"export @ {r}", {"ratio": r, "export_from": str(source)}) for r in args.export_ratios]
     if args.only is not None:
         plan = [(name, spec) for name, spec in plan if name in args.only]
-    for name, spec in plan:
+
+    def run(name: str, spec: dict) -> dict | None:
+        # decided row by row: the quick 0.4 run that export rows cut exists only once its row has run
         needs_quick_run = (spec.get("export_from") and not args.export_from) or spec.get("settings", {}).get("run_dir")
         if name in res["rows"] and not (needs_quick_run and not quick_run.exists()):
-            continue
+            return None
         if spec.get("export_from") and not Path(spec["export_from"]).exists():
             logging.warning("skipping %s: needs the quick 0.4 run (add 0.4 to --quick-ratios)", name)
-            continue
-        spec["threads"] = args.threads
+            return None
         logging.info("row %s", name)
-        out = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
-        if out.returncode != 0:
-            logging.error("row %s failed (exit %d)", name, out.returncode)
-            continue
-        row = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("ROW "))[4:])
+        return runner.run_fresh(__file__, "--row", name, {**spec, "threads": args.threads}, work)
+
+    def done(name: str, spec: dict, row: dict) -> None:
         row["settings"].pop("run_dir", None)
         if spec.get("export_from"):
             row["note"] = f"cut from the run `{Path(spec['export_from']).name}` without retraining"
         res["rows"][name] = row
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_json(path, res)
-        (args.out_dir / "soco_bench.md").write_text(render(res))
+        atomic_write_json(path, res)
+        atomic_write_text(md, render(res))
+
+    runner.run_rows(dict(plan), run, done)  # a failed row is logged and left out; --resume retries it
     print(render(res))
     return 0
 

@@ -9,7 +9,7 @@
 Compressed models come from `soco_llm.compress(model, SVDConfig(ratio=r))` (data-free; the
 method does not change the shapes, so it does not change speed) or from `--models` folders; the
 dense `--model` is always measured first and every ratio (×) is against it. All models stay
-loaded and are timed round-robin, so changes in machine load hit them alike (see soco_llm/bench.py).
+loaded and are timed round-robin, so changes in machine load hit them alike (see harness/timing.py).
 Fresh processes differ more than repeats within one (the cause is not isolated), so claims
 should rest on `--processes 3` or more.
 """
@@ -23,14 +23,18 @@ import os
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-from soco_llm.bench import (SHAPES, BenchSettings, combine_processes, command_line, hardware_info, markdown_table, run,
-                            write_text_atomic)
-from soco_llm.errors import SocoError
-from soco_llm.io import atomic_write_json
 from tqdm.auto import tqdm
+
+from soco_llm.errors import SocoError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file, however it is loaded
+from harness.environment import command_line, hardware_info, load_average_1min, utc_now  # noqa: E402
+from harness.outputs import emit  # noqa: E402
+from harness.shapes import SHAPES  # noqa: E402
+from harness.tables import speed_table  # noqa: E402
+from harness.timing import BenchSettings, combine_processes, run  # noqa: E402
 
 
 def _ratio(text: str) -> float:
@@ -109,10 +113,10 @@ def measure(args, argv: list[str]) -> dict:
         settings.malloc_tuning = all(r["settings"]["malloc_tuning"] for r in runs)
     else:
         rows = run(args.model, args.ratios, args.models, settings, args.dtype)
-    hardware["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    command = command_line("benchmarks/speed.py", argv)
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    markdown = markdown_table(rows, hardware, settings) + f"\nCommand: `{command}` ({date}).\n"
+    hardware["load_average_1min_end"] = load_average_1min()
+    command = command_line(__file__, argv)
+    date = utc_now()
+    markdown = speed_table(rows, hardware, settings) + f"\nCommand: `{command}` ({date}).\n"
     settings_out = {**vars(settings), "processes": args.processes}
     return {"hardware": hardware, "settings": settings_out, "results": rows, "command": command, "date": date,
             "markdown": markdown}
@@ -126,12 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except SocoError as e:
         print(f"speed.py: error: {e}", file=sys.stderr)
         return 2
-    print(result["markdown"])
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.json, {k: v for k, v in result.items() if k != "markdown"})
-    if args.markdown:
-        write_text_atomic(args.markdown, result["markdown"])
+    emit(result["markdown"], args.markdown, args.json, {k: v for k, v in result.items() if k != "markdown"})
     return 0
 
 

@@ -9,7 +9,7 @@ dense model from the safetensors cache and compresses it in place with `config_f
 ratio=r)`, using one set of calibration windows, `calibration_windows(tok, "bundled", 32, 512,
 0)` as in compare_methods.py, cut once when the first method needs them. `--models LABEL@RATIO=DIR`
 adds saved compressed folders, e.g. SoCo outputs. Every model is scored with
-`soco_llm.zeroshot.evaluate_tasks` on the same tasks and the same first `--limit` documents.
+`soco_llm.eval.zeroshot.evaluate_tasks` on the same tasks and the same first `--limit` documents.
 After each model, <out-dir>/zeroshot.json is rewritten atomically (the checkpoint `--resume` reads);
 zeroshot.md (tables) and zeroshot_vs_ratio.png (accuracy vs ratio) are written at the end.
 """
@@ -17,31 +17,22 @@ zeroshot.md (tables) and zeroshot_vs_ratio.png (accuracy vs ratio) are written a
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import importlib.metadata
-import json
 import logging
-import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file, however it is loaded
+from harness import rows as runner  # noqa: E402
+from harness.environment import RESULTS, environment, package_version  # noqa: E402
+from harness.plots import pyplot, save_png  # noqa: E402
+from harness.tables import acc_cell, chance, chances  # noqa: E402
+
 log = logging.getLogger("zeroshot")
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "benchmarks" / "results"
 STEM = "zeroshot"
 RESULTS_VERSION = 1
-# Chance accuracy by task family (the soco_ prefix dropped); used for the note and the dashed lines.
-CHANCE = {"piqa": 0.5, "boolq": 0.5, "winogrande": 0.5, "openbookqa": 0.25, "arc_easy": 0.25,
-          "arc_challenge": 0.25, "hellaswag": 0.25}
-
-
-def chance(task: str) -> float | None:
-    return CHANCE.get(task.removeprefix("soco_"))
 
 
 def parse_model_spec(text: str) -> tuple[str, float, str]:
@@ -55,34 +46,6 @@ def parse_model_spec(text: str) -> tuple[str, float, str]:
     if not eq or not at or not label or not folder or not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"--models expects LABEL@RATIO=DIR with RATIO in (0, 1), got {text!r}")
     return label, value, folder
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def environment(argv: list[str], threads: int) -> dict:
-    from soco_llm.bench import hardware_info
-
-    def version(dist: str) -> str | None:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    script = os.path.relpath(Path(__file__).resolve(), REPO)
-    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python " + shlex.join([script, *argv[1:]]), "git_commit": commit,
-            **hardware_info("cpu"), "lm_eval": version("lm_eval"), "soco_llm": version("soco-llm"),
-            "threads_requested": threads}
 
 
 def plan(args) -> list[dict]:
@@ -100,7 +63,7 @@ def plan(args) -> list[dict]:
 
 def score(model, tok, tasks: list[str], limit: int | None, batch_size: int, manager=None) -> dict:
     """Zero-shot accuracy of one loaded model: {tasks: {task: {acc, acc_stderr, acc_norm, ...}}, seconds}."""
-    from soco_llm.zeroshot import evaluate_tasks, summary
+    from soco_llm.eval.zeroshot import evaluate_tasks, summary
 
     t0 = time.perf_counter()
     results = evaluate_tasks(model, tok, tasks, limit=limit, batch_size=batch_size, manager=manager)
@@ -131,9 +94,10 @@ def run(args, argv: list[str], load=None) -> dict:
     import torch
 
     import soco_llm
+    from soco_llm.eval.zeroshot import check_options, task_manager
     from soco_llm.io import read_compression
+    from soco_llm.io.atomic import atomic_write_json
     from soco_llm.models import DEFAULT_MODEL
-    from soco_llm.zeroshot import check_options, task_manager
 
     torch.set_num_threads(args.threads)
     check_options(args.limit, 0)
@@ -148,16 +112,10 @@ def run(args, argv: list[str], load=None) -> dict:
                 "calibration": {"source": "bundled", "num_samples": args.samples, "seq_len": args.seq_len, "seed": 0,
                                 "batch_size": 8}}
     path = args.out_dir / f"{STEM}.json"
-    results = {"version": RESULTS_VERSION, "settings": settings, "environment": environment(argv, args.threads),
-               "rows": {}}
-    if args.resume and path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("settings") != settings:
-            raise SystemExit(f"zeroshot.py: error: {path} was made with other settings ({old.get('settings')}); "
-                             "use another --out-dir or drop --resume")
-        results["rows"] = old.get("rows", {})
-        results["environment"]["resumed_from"] = old.get("environment")
-        log.info("resuming: %d finished models in %s", len(results["rows"]), path)
+    env = environment(__file__, argv[1:], lm_eval=package_version("lm_eval"), threads_requested=args.threads)
+    fresh = {"version": RESULTS_VERSION, "settings": settings, "environment": env, "rows": {}}
+    results = runner.start(path, fresh, args.resume, "zeroshot.py")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
 
     cache = {}
 
@@ -166,29 +124,31 @@ def run(args, argv: list[str], load=None) -> dict:
             cache["calib"] = soco_llm.calibration_windows(tok, "bundled", args.samples, args.seq_len, 0)
         return cache["calib"]
 
-    failures = []
+    todo = {}
     for order, job in enumerate(jobs):
-        if job["key"] in results["rows"]:
+        if job["key"] in results["rows"]:  # finished earlier: it keeps its place in this run's order
             results["rows"][job["key"]]["order"] = order
-            continue
-        log.info("%s: loading%s", job["key"], "" if job["method"] in (None, "dense") else " and compressing")
+        else:
+            todo[job["key"]] = {**job, "order": order}
+
+    def run_one(key: str, job: dict) -> dict:
+        log.info("%s: loading%s", key, "" if job["method"] in (None, "dense") else " and compressing")
         t0 = time.perf_counter()
-        try:
-            model, tok, facts = build_model(job, load, calibration, settings["calibration"])
-            row = {**{k: v for k, v in job.items() if k != "path"}, **facts,
-                   **score(model, tok, args.tasks, args.limit, args.batch_size, manager)}
-        except soco_llm.SocoError as e:
-            log.error("%s: %s", job["key"], e)
-            failures.append(job["key"])
-            continue
-        row.update(order=order, seconds=round(time.perf_counter() - t0, 2))
-        results["rows"][job["key"]] = row
-        log.info("%s: %s (%.0fs)", job["key"], ", ".join(f"{t} acc {v.get('acc', float('nan')):.3f}"
-                                                         for t, v in row["tasks"].items()), row["seconds"])
-        atomic_write_text(path, json.dumps(results, indent=2) + "\n")  # checkpoint; tables and plot at the end
-        del model
-        gc.collect()
-    results["failures"] = failures
+        model, tok, facts = build_model(job, load, calibration, settings["calibration"])
+        row = {**{k: v for k, v in job.items() if k not in ("path", "order")}, **facts,
+               **score(model, tok, args.tasks, args.limit, args.batch_size, manager)}
+        row.update(order=job["order"], seconds=round(time.perf_counter() - t0, 2))
+        del model, tok
+        gc.collect()  # free this model before the next one is loaded
+        return row
+
+    def done(key: str, job: dict, row: dict) -> None:
+        results["rows"][key] = row
+        log.info("%s: %s (%.0fs)", key, ", ".join(f"{t} acc {v.get('acc', float('nan')):.3f}"
+                                                    for t, v in row["tasks"].items()), row["seconds"])
+        atomic_write_json(path, results)  # checkpoint; tables and plot at the end
+
+    results["failures"] = runner.run_rows(todo, run_one, done, errors=(soco_llm.SocoError,))
     write_outputs(results, args.out_dir)
     return results
 
@@ -197,13 +157,6 @@ def run(args, argv: list[str], load=None) -> dict:
 
 def ordered_rows(results: dict) -> list[dict]:
     return sorted(results["rows"].values(), key=lambda r: (r.get("order", 1e9), r.get("ratio", 0)))
-
-
-def cell(metrics: dict | None, key: str = "acc") -> str:
-    if not metrics or key not in metrics:
-        return "—"
-    se = metrics.get(f"{key}_stderr")
-    return f"{metrics[key]:.3f} ± {se:.3f}" if isinstance(se, (int, float)) else f"{metrics[key]:.3f}"
 
 
 def render_markdown(results: dict) -> str:
@@ -224,10 +177,9 @@ def render_markdown(results: dict) -> str:
             ach = r.get("achieved_ratio")
             lines.append(f"| {r['label']} | {r.get('method') or '—'} | {r['ratio']:g} | "
                          f"{'—' if ach is None else f'{ach:.3f}'} | "
-                         + " | ".join(cell(r["tasks"].get(t), key) for t in tasks) + f" | {r.get('seconds', 0):.0f} |")
+                         + " | ".join(acc_cell(r["tasks"].get(t), key) for t in tasks) + f" | {r.get('seconds', 0):.0f} |")
         lines.append("")
-    chances = [f"{t} {chance(t):g}" for t in tasks if chance(t) is not None]
-    lines += [f"Chance accuracy: {', '.join(chances) if chances else 'see the task'} "
+    lines += [f"Chance accuracy: {chances(tasks) or 'see the task'} "
               "(PIQA and BoolQ have 2 answers, 0.5; OpenBookQA has 4, 0.25).", "",
               "## Environment", "",
               f"- command: `{env['command']}`",
@@ -242,14 +194,9 @@ def render_markdown(results: dict) -> str:
 
 
 def render_plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = results["settings"]["tasks"]
     rows = ordered_rows(results)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for label in dict.fromkeys(r["label"] for r in rows if r["label"] != "dense"):
             pts = sorted((r["ratio"], r["tasks"][task]["acc"], r["tasks"][task].get("acc_stderr", 0.0)) for r in rows
@@ -270,15 +217,14 @@ def render_plot(results: dict, path: Path) -> None:
     limit = results["settings"]["limit"]
     fig.suptitle(f"{results['settings']['model']}: zero-shot accuracy vs ratio"
                  + (f" (first {limit} documents per task)" if limit else ""))
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path, dpi=110)
 
 
 def write_outputs(results: dict, out_dir: Path) -> None:
-    atomic_write_text(out_dir / f"{STEM}.json", json.dumps(results, indent=2) + "\n")
+    from soco_llm.io.atomic import atomic_write_json, atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / f"{STEM}.json", results)
     if results["rows"]:
         atomic_write_text(out_dir / f"{STEM}.md", render_markdown(results))
         render_plot(results, out_dir / f"{STEM}_vs_ratio.png")
@@ -290,7 +236,7 @@ def print_table(results: dict) -> None:
     w = max([len(r["key"]) for r in rows] + [5])
     print(f"{'model':<{w}}  " + "  ".join(f"{t:>15}" for t in tasks) + "   (acc ± stderr)")
     for r in rows:
-        print(f"{r['key']:<{w}}  " + "  ".join(f"{cell(r['tasks'].get(t)):>15}" for t in tasks))
+        print(f"{r['key']:<{w}}  " + "  ".join(f"{acc_cell(r['tasks'].get(t)):>15}" for t in tasks))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length (default 512)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--resume", action="store_true", help="skip models already in <out-dir>/zeroshot.json")
     return p
 
@@ -322,8 +268,8 @@ def main(argv: list[str] | None = None, load=None) -> int:
     for r in args.ratios:
         if not 0 < r < 1:
             raise SystemExit(f"zeroshot.py: error: ratios must be in (0, 1); got {r}")
-    from soco_llm.config import METHODS
     from soco_llm.errors import SocoError
+    from soco_llm.methods.base import METHODS
 
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

@@ -5,25 +5,27 @@
     report = soco_llm.compress(model, soco_llm.SVDLLMConfig(ratio=0.4), calib)
     soco_llm.save_compressed(model, tok, "out", report)
     model = soco_llm.load("out")
+
+Layout: `core/` (method-agnostic parts), `methods/` (one config + handler per method),
+`io/` (files), `eval/` (perplexity, zero-shot), `compress.py` (the one entry point), `cli.py`.
+Importing the package registers the compressed format with transformers (`io.hf_quantizer`).
 """
 
-__version__ = "0.1.0"
-
-from .config import (ASVDConfig, CalibrationConfig, CompressionConfig, FWSVDConfig, SVDConfig, SVDLLMConfig,
-                     config_for, config_from_dict)
-from .compress import CompressionReport, compress
-from .data import calibration_windows, eval_windows
-from .errors import SocoError
-from .evaluate import evaluate_perplexity, perplexity
-from .io import export_dense, load, merge_to_dense, save_compressed, save_dense
-from .layer import LowRankLinear
-from .models import load_model
-from .soco import SoCoConfig, export_from_run
-from . import hf_integration  # noqa: F401,E402  lets AutoModelForCausalLM load compressed folders
+from .version import __version__  # noqa: E402,F401
+from .compress import compress  # noqa: E402
+from .core.layer import LowRankLinear  # noqa: E402
+from .core.report import CompressionReport  # noqa: E402
+from .data import calibration_windows, eval_windows  # noqa: E402
+from .errors import SocoError  # noqa: E402
+from .eval.perplexity import evaluate_perplexity, perplexity  # noqa: E402
+from .io import export_dense, load, merge_to_dense, save_compressed, save_dense  # noqa: E402
+from .methods import (ASVDConfig, CalibrationConfig, CompressionConfig, FWSVDConfig, SoCoConfig,  # noqa: E402
+                      SVDConfig, SVDLLMConfig, config_for, config_from_dict, export_from_run, register)
+from .models import load_model  # noqa: E402
 
 __all__ = [
     "ASVDConfig", "CalibrationConfig", "CompressionConfig", "CompressionReport", "FWSVDConfig", "LowRankLinear",
-    "SVDConfig", "SVDLLMConfig", "SoCoConfig", "export_from_run", "SocoError", "calibration_windows", "compress", "config_for", "config_from_dict",
-    "eval_windows", "evaluate_perplexity", "export_dense", "load", "load_model", "merge_to_dense", "perplexity",
-    "save_compressed", "save_dense",
+    "SVDConfig", "SVDLLMConfig", "SoCoConfig", "export_from_run", "SocoError", "calibration_windows", "compress",
+    "config_for", "config_from_dict", "eval_windows", "evaluate_perplexity", "export_dense", "load", "load_model",
+    "merge_to_dense", "perplexity", "register", "save_compressed", "save_dense",
 ]

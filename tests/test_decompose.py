@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from soco_llm.config import config_for
-from soco_llm.decompose import spectrum, whitening
-from soco_llm.stats import LayerStats
+from soco_llm import config_for
+from soco_llm.core.bases import whitening
+from soco_llm.core.stats import LayerStats
 
 
 def _stats(X: torch.Tensor, m: int) -> LayerStats:
@@ -27,7 +27,7 @@ def _data(m=24, n=16, rows=200, seed=0):
 @pytest.mark.parametrize("method", ["svd", "fwsvd", "asvd", "svd-llm"])
 def test_full_rank_reproduces_dense_layer(method):
     W, X = _data()
-    spec = spectrum(config_for(method, ratio=0.5), W, _stats(X, W.shape[0]), "layer")
+    spec = config_for(method, ratio=0.5).decompose(W, _stats(X, W.shape[0]), "layer")
     A, B = spec.factors(min(W.shape))
     assert A.shape == (16, 16) and B.shape == (24, 16)
     torch.testing.assert_close(X @ (B @ A).T, X @ W.T, rtol=1e-8, atol=1e-8)
@@ -39,7 +39,7 @@ def test_svd_llm_output_error_below_plain_svd(rank):
     stats = _stats(X, W.shape[0])
     errs = {}
     for method in ("svd", "svd-llm"):
-        A, B = spectrum(config_for(method, ratio=0.5), W, stats, "layer").factors(rank)
+        A, B = config_for(method, ratio=0.5).decompose(W, stats, "layer").factors(rank)
         errs[method] = torch.linalg.norm(X @ W.T - X @ (B @ A).T)
     assert errs["svd-llm"] < errs["svd"]
 
@@ -56,7 +56,7 @@ def test_whitening_falls_back_with_warning_when_not_positive_definite(caplog):
 
 def test_scores_fold_into_factors():
     W, _ = _data()
-    spec = spectrum(config_for("svd", ratio=0.5), W, None, "layer")
+    spec = config_for("svd", ratio=0.5).decompose(W, None, "layer")
     s = torch.linspace(0.5, 2.0, 16, dtype=torch.float64)
     A, B = spec.factors(16, s)
     torch.testing.assert_close(B @ A, spec.left @ torch.diag(spec.sigma * s) @ spec.right)

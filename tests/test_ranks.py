@@ -3,8 +3,8 @@
 import pytest
 
 from soco_llm import compress, config_for
-from soco_llm.ranks import LayerRank, achieved_ratio, layer_params, max_useful_rank, settle_rank, uniform_rank
-from tiny import random_windows, tiny_model
+from soco_llm.core.budget import LayerRank, achieved_ratio, layer_params, max_useful_rank, settle_rank, uniform_rank
+from tiny import tiny_model
 
 
 def test_uniform_rank_rule():
@@ -26,7 +26,8 @@ def test_achieved_ratio_by_hand():
     new = 10 * 150 + 40 * 40 + 5 * 90
     assert achieved_ratio(layers) == pytest.approx(1 - new / old, abs=1e-15)
     new_d = new + 100 + 30  # an added bias d costs m per compressed layer
-    assert achieved_ratio(layers, extra_per_layer=True) == pytest.approx(1 - new_d / old, abs=1e-15)
+    with_d = [LayerRank(x.name, x.out_features, x.in_features, x.rank, added_bias=True) for x in layers]
+    assert achieved_ratio(with_d) == pytest.approx(1 - new_d / old, abs=1e-15)
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])

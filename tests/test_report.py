@@ -127,10 +127,11 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("SOCO_LLM_CACHE", str(tmp_path / "cache"))
 
 
-def test_zeroshot_scores_tiny_models_and_resumes(tmp_path, offline):
+def test_zeroshot_scores_tiny_models_and_resumes(tmp_path, offline, monkeypatch):
     pytest.importorskip("lm_eval")
     import soco_llm
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the recorded command would start with it
     torch.set_num_threads(1)
     saved = tmp_path / "tiny-svd"
     model, tok = tiny_model("llama"), tiny_tokenizer()
@@ -156,6 +157,35 @@ def test_zeroshot_scores_tiny_models_and_resumes(tmp_path, offline):
         raise AssertionError("--resume should not reload finished models")
 
     assert zeroshot.main(argv + ["--resume"], load=no_load) == 0
+    resumed = json.loads((out / "zeroshot.json").read_text())
+    assert resumed["rows"] == data["rows"]
+    assert resumed["environment"]["earlier_runs"][-1]["command"] == data["environment"]["command"]
+    # the report says which run a resumed zeroshot.json continued
+    lines = report.env_lines(resumed["environment"], show_resumed=True)
+    assert f"- resumed a run started {data['environment']['date']}" in lines
+
+
+def test_report_env_lines_say_a_resumed_run_for_old_and_new_files():
+    old = {**ENV, "resumed_from": {"date": "2026-01-01T00:00:00+00:00"}}
+    new = {**ENV, "earlier_runs": [{"date": "2025-12-31T00:00:00+00:00"}, {"date": "2026-01-01T00:00:00+00:00"}]}
+    for env in (old, new):
+        assert "- resumed a run started 2026-01-01T00:00:00+00:00" in report.env_lines(env, show_resumed=True)
+        assert not any("resumed" in line for line in report.env_lines(env))
+
+
+def test_soco_bench_table_from_old_and_new_environment_records():
+    soco_bench = load_script("soco_bench")
+    row = {"ratio": 0.4, "perplexity": 61.25, "achieved": 0.4001, "rank_min": 10, "rank_max": 300, "final_kl": 0.5,
+           "seconds": 900, "peak_rss_mib": 2000, "note": "cut from the run `x.run` without retraining"}
+    old_env = {"date": "2026-11-25 04:23 UTC", "torch": "2.0", "transformers": "5.0", "cpu": "x86_64", "threads": 1,
+               "load": [3.2, 2.9, 2.5]}
+    new_env = {**ENV, "threads_requested": 1, "load_average_1min": 3.2}
+    for env, load in ((old_env, "[3.2, 2.9, 2.5]"), (new_env, "3.2")):
+        text = soco_bench.render({"command": "python benchmarks/soco_bench.py", "environment": env,
+                                  "rows": {"export @ 0.4": row}})
+        assert f"1 torch threads; load average at start {load} " in text
+        assert "| export @ 0.4 | 0.40 | 61.2 | 0.4001 | 10–300 | 0.500 | 900 | 2000 |" in text
+        assert "- export @ 0.4: cut from the run `x.run` without retraining" in text
 
 
 def test_compare_methods_rows_with_labels_and_settings():

@@ -7,10 +7,14 @@ import torch
 
 import soco_llm
 from soco_llm import SocoError, SoCoConfig
-from soco_llm.adapter import find_targets
-from soco_llm.ranks import global_cut
-from soco_llm.soco import (GateState, SizeModel, decompose_targets, install_spectral, kl_to_teacher, teacher_cache,
-                           train)
+from soco_llm.core.adapter import find_targets
+from soco_llm.core.budget import global_cut
+from soco_llm.methods.soco.basis import decompose_targets
+from soco_llm.methods.soco.cut import cut, kept_components, set_masks
+from soco_llm.methods.soco.schedule import SizeModel
+from soco_llm.methods.soco.spectral import GateState, install_spectral
+from soco_llm.methods.soco.teacher import kl_to_teacher, teacher_cache
+from soco_llm.methods.soco.whole_model import train
 from tiny import random_windows, tiny_model
 
 
@@ -42,8 +46,6 @@ def test_init_equals_dense(arch, basis):
 
 @pytest.mark.parametrize("straight_through", ["all", "off"])
 def test_few_steps_lower_the_kl(straight_through):
-    from soco_llm.soco import kept_components, set_masks
-
     cfg = SoCoConfig(ratio=0.5, steps=15, stage_steps=[0, 15, 0], alternate_amplitude=0.0, lr_scores=2e-2,
                      lr_bias=2e-3, batch_size=8, straight_through=straight_through)
     model, windows, teacher, layers, gate = _spectral(cfg)
@@ -85,7 +87,7 @@ def test_folding_scores_changes_no_logits():
     train(model, layers, gate, windows, teacher, cfg, None)
     shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
     old = sum(m * n for m, n in shapes.values())
-    kept = global_cut({n: l.importance() for n, l in layers.items()}, shapes, int((1 - cfg.ratio) * old))
+    kept = global_cut({n: l.importance() for n, l in layers.items()}, shapes, int((1 - cfg.ratio) * old), cfg.deviation)
     with torch.no_grad():  # the hard-gated spectral model: dropped components zeroed, gates open
         for name, l in layers.items():
             mask = torch.zeros_like(l.scores)
@@ -93,8 +95,6 @@ def test_folding_scores_changes_no_logits():
             l.scores.mul_(mask)
         gate.log_theta = float("-inf")
         hard = model(input_ids=windows).logits
-    from soco_llm.soco import cut
-
     with torch.no_grad():  # restore importance order is unaffected: zeroed ones were not kept anyway
         rows = cut(model, layers, cfg.ratio, cfg.deviation)
         folded = model(input_ids=windows).logits
@@ -103,8 +103,6 @@ def test_folding_scores_changes_no_logits():
 
 
 def test_straight_through_stage_trains_the_model_that_is_saved():
-    from soco_llm.soco import cut, kept_components, set_masks
-
     cfg = SoCoConfig(ratio=0.4, steps=8, stage_steps=[2, 2, 4], batch_size=4)
     model, windows, teacher, layers, gate = _spectral(cfg)
     train(model, layers, gate, windows, teacher, cfg, None)
@@ -135,7 +133,7 @@ def _run(tmp_path, name, **kw):
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import soco_llm.soco as soco
+    import soco_llm.methods.soco.teacher as soco
 
     full = _run(tmp_path, "full")
     real = soco.kl_to_teacher
@@ -162,7 +160,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    import soco_llm.soco as soco
+    import soco_llm.methods.soco.teacher as soco
 
     real = soco.kl_to_teacher
     calls = {"n": 0}

@@ -5,10 +5,13 @@ import torch
 
 import soco_llm
 from soco_llm import SocoError, SoCoConfig
-from soco_llm.adapter import find_targets
-from soco_llm.soco import GateState, SizeModel, basis_entry, install_spectral, train_scores
-from soco_llm.soco_blockwise import block_loss
-from soco_llm.stats import BlockRunner
+from soco_llm.core.adapter import find_targets
+from soco_llm.core.stats import BlockRunner
+from soco_llm.methods.soco.basis import basis_entry
+from soco_llm.methods.soco.blockwise import block_loss
+from soco_llm.methods.soco.schedule import SizeModel
+from soco_llm.methods.soco.spectral import GateState, install_spectral
+from soco_llm.methods.soco.train import train_scores
 from tiny import random_windows, tiny_model
 
 
@@ -61,7 +64,7 @@ def test_training_lowers_the_block_error():
 
 
 def test_blockwise_resume_matches_uninterrupted(tmp_path, monkeypatch):
-    import soco_llm.soco_blockwise as bw
+    import soco_llm.methods.soco.blockwise as bw
 
     windows = random_windows(8, 32)
 

@@ -1,20 +1,30 @@
-"""The speed benchmark's functions and script on a tiny model: seconds, numbers only sanity-checked."""
+"""The speed benchmark (benchmarks/harness timing, shapes, tables) and its scripts on a tiny model: seconds,
+numbers only sanity-checked."""
 
 import importlib.util
 import json
 import platform
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from soco_llm import SVDConfig, compress
-from soco_llm.bench import (BenchSettings, add_speedups, bench_models, crossover_table, decode_limit, layer_crossover,
-                            markdown_table, weight_stats)
+from soco_llm import compress
+from soco_llm.errors import SocoError
+from soco_llm.methods.svd_family import SVDConfig
 from tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness, as the scripts import it
+from harness import shapes  # noqa: E402
+from harness.sizes import decode_limit, weight_stats  # noqa: E402
+from harness.tables import crossover_table, speed_table  # noqa: E402
+from harness.timing import BenchSettings, add_speedups, bench_models, combine_processes, layer_crossover  # noqa: E402
+
 TINY = BenchSettings(prefill_lengths=[8, 16], decode_prompt=8, new_tokens=3, warmup=0, repeats=1, threads=1)
+TINY_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256)
 
 
 def load_script(name: str):
@@ -53,8 +63,17 @@ def test_bench_models_rows_and_table():
         assert r["decode_tok_s"] > 0 and r["decode_tok_s_cpu"] > 0 and r["working_mib"] >= 0
         assert len(r["times"]["generate@N"]) == TINY.repeats
     assert rows[0]["decode_speedup"] == 1.0 and rows[1]["decode_limit"] > 1
-    table = markdown_table(rows, {"cpu": "test", "usable_cpus": 1, "torch": torch.__version__, "device": "cpu"}, TINY)
+    table = speed_table(rows, {"cpu": "test", "usable_cpus": 1, "torch": torch.__version__, "device": "cpu"}, TINY)
     assert "| dense |" in table and "| svd 0.4 |" in table and "decode limit" in table
+
+    # two processes' rows of the same models: medians of each, ratios recomputed, the spread kept
+    combined = combine_processes([rows, rows])
+    assert [r["decode_speedup_per_process"] for r in combined] == [[1.0, 1.0], [rows[1]["decode_speedup"]] * 2]
+    assert combined[1]["decode_speedup"] == pytest.approx(rows[1]["decode_speedup"])
+    assert "decode × per process" in speed_table(combined, {"cpu": "test", "usable_cpus": 1, "torch": "2",
+                                                            "device": "cpu"}, TINY)
+    with pytest.raises(SocoError, match="different models"):
+        combine_processes([rows, rows[::-1]])
 
 
 def test_layer_crossover_rows():
@@ -93,11 +112,7 @@ def test_speed_script_bad_input(capsys):
 
 
 def test_speed_script_times_a_public_shape_with_random_weights(monkeypatch, tmp_path, capsys):
-    from soco_llm import bench
-
-    tiny_shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256)
-    monkeypatch.setitem(bench.SHAPES, "tiny-test", tiny_shape)
+    monkeypatch.setitem(shapes.SHAPES, "tiny-test", TINY_SHAPE)
     speed = load_script("speed")
     out_json = tmp_path / "speed.json"
     assert speed.main(["--model", "shape:tiny-test", "--ratios", "0.4", "--threads", "1", "--prefill-lengths", "8",
@@ -105,17 +120,14 @@ def test_speed_script_times_a_public_shape_with_random_weights(monkeypatch, tmp_
                        "--json", str(out_json)]) == 0
     rows = json.loads(out_json.read_text())["results"]
     assert [r["label"] for r in rows] == ["dense", "svd 0.4"] and rows[1]["low_rank_layers"] == 14
-    assert rows[0]["params"] == bench.random_model("tiny-test").num_parameters()
+    assert rows[0]["params"] == shapes.random_model("tiny-test").num_parameters()
     assert "random weights in that public model's shape" in capsys.readouterr().out
     assert speed.main(["--model", "shape:no-such-model", "--ratios", "0.4"]) == 2
     assert "unknown model shape 'no-such-model'; choose one of" in capsys.readouterr().err
 
 
 def test_decode_profile_groups_a_decode_step(monkeypatch, tmp_path, capsys):
-    from soco_llm import bench
-
-    monkeypatch.setitem(bench.SHAPES, "tiny-test", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    monkeypatch.setitem(shapes.SHAPES, "tiny-test", TINY_SHAPE)
     profile = load_script("decode_profile")
     assert profile.group_of("aten::mm") == "linears (mm, addmm)" and profile.group_of("aten::cat").startswith("concat")
     assert profile.group_of("aten::rsqrt") == profile.OTHER

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import soco_llm
-from soco_llm.adapter import find_targets
-from soco_llm.stats import BlockRunner
+from soco_llm.core.adapter import find_targets
+from soco_llm.core.stats import BlockRunner
 from tiny import ARCHS, random_windows, tiny_model
 
 

@@ -9,9 +9,9 @@ pytest.importorskip("lm_eval")
 
 from soco_llm import SVDConfig, SocoError, compress  # noqa: E402
 from soco_llm.cli import main  # noqa: E402
-from soco_llm.layer import LowRankLinear  # noqa: E402
-from soco_llm.tasks.utils import parse_options  # noqa: E402
-from soco_llm.zeroshot import LOCAL_TASKS, evaluate_tasks, format_results, local_task_dir, summary  # noqa: E402
+from soco_llm.core.layer import LowRankLinear  # noqa: E402
+from soco_llm.eval.tasks.utils import parse_options  # noqa: E402
+from soco_llm.eval.zeroshot import LOCAL_TASKS, evaluate_tasks, format_results, local_task_dir, summary  # noqa: E402
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 

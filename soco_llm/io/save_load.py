@@ -1,0 +1,115 @@
+"""Saving and loading model folders: safetensors + JSON only, written atomically, never over a folder unasked.
+
+`save_compressed` writes the compressed format (see `format.py`), `load` rebuilds it without
+materialising dense weights, `save_dense` / `export_dense` write ordinary HF folders.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..core.adapter import replace_module
+from ..core.layer import LowRankLinear
+from ..errors import SocoError
+from ..runtime import parse_dtype
+from . import hf_quantizer  # noqa: F401  registers the format, so from_pretrained below can rebuild it
+from .atomic import atomic_dir, atomic_write_json
+from .format import FORMAT_VERSION, QUANT_METHOD, WEIGHTS, check_weights, compression_section, read_compression
+
+log = logging.getLogger(__name__)
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors stored once (the loader re-ties them), made contiguous for safetensors."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else (name,)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def _config_dict(model: nn.Module) -> dict:
+    d = model.config.to_dict()
+    for k in ("compression", "quantization_config"):
+        d.pop(k, None)
+    return d
+
+
+def _write_model(folder: Path, model: nn.Module, tokenizer, config: dict) -> None:
+    # Inside a fresh temporary folder (atomic_dir): a plain write here is already atomic at the folder level.
+    save_file(unique_state_dict(model), str(folder / WEIGHTS), metadata={"format": "pt"})
+    atomic_write_json(folder / "config.json", config)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def save_compressed(model: nn.Module, tokenizer, out: str | os.PathLike, report, overwrite: bool = False) -> Path:
+    """Write a compressed model folder; `report.tensors` ({filename: tensors}) are saved beside it."""
+    config = _config_dict(model)
+    config["compression"] = compression_section(model, report)
+    config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
+    with atomic_dir(out, overwrite) as tmp:
+        _write_model(tmp, model, tokenizer, config)
+        atomic_write_json(tmp / "compression_report.json", report.to_dict())
+        for fname, tensors in report.tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / fname))
+    log.info("saved compressed model to %s", out)
+    return Path(out)
+
+
+def save_dense(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write an ordinary HF folder; compressed layers are merged back to dense weights first."""
+    merge_to_dense(model)
+    with atomic_dir(out, overwrite) as tmp:
+        _write_model(tmp, model, tokenizer, _config_dict(model))
+    return Path(out)
+
+
+@torch.no_grad()
+def merge_to_dense(model: nn.Module) -> nn.Module:
+    """Replace every LowRankLinear by the dense module it came from (W = B·A), in place."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LowRankLinear):
+            replace_module(model, name, m.to_dense())
+    for k in ("compression", "quantization_config"):
+        if hasattr(model.config, k):
+            delattr(model.config, k)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    model.is_quantized = False
+    return model
+
+
+def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str = "cpu") -> nn.Module:
+    """Rebuild a compressed model from its folder, without materialising dense weights."""
+    read_compression(folder)
+    check_weights(Path(folder))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=parse_dtype(dtype) or "auto")
+    except Exception as e:
+        raise SocoError(f"could not load {str(folder)!r}: {str(e).strip().splitlines()[0]}") from e
+    return model.to(device).eval()
+
+
+def export_dense(folder: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write an ordinary dense HF folder from a compressed one, for any serving engine."""
+    model = load(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception:  # a folder saved without a tokenizer still exports
+        tok = None
+    return save_dense(model, tok, out, overwrite)

@@ -1,0 +1,133 @@
+"""What a method is: a config dataclass plus the handler registered for its type.
+
+`register(config_cls, handler)` is the one registry: `compress()` finds the handler by
+`type(config)` (as torchao's `quantize_` does), `config_for` and the CLI find config classes by
+their `method` name. Adding a method is one config class and one handler, registered once.
+A config declares what calibration it `needs`, its calibration sizes (`calibration`), and
+named `presets` of its own fields that the CLI offers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..core.adapter import Target
+from ..core.budget import LayerRank
+from ..errors import SocoError
+
+
+@dataclass
+class CalibrationConfig:
+    """Where calibration text comes from and how it is cut into token windows."""
+
+    source: str = "bundled"  # "bundled", "wikitext2", "c4", "ptb", or a path to a text file
+    num_samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise SocoError(
+                f"calibration needs num_samples >= 1, seq_len >= 2 and batch_size >= 1 "
+                f"(got {self.num_samples}, {self.seq_len}, {self.batch_size})"
+            )
+
+
+@dataclass
+class CompressionConfig:
+    """Settings every method shares. `ratio` is the fraction of decoder-linear parameters removed."""
+
+    method: ClassVar[str] = ""
+    presets: ClassVar[dict[str, dict]] = {}  # named sets of field values, e.g. SoCo's "quick"
+
+    ratio: float = 0.4
+    # Module-name patterns (suffix or regex) inside the decoder blocks; None = every linear.
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] | None = None
+    # Feed each block the outputs of the already-compressed earlier blocks.
+    sequential: bool = False
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """What the method reads from calibration windows: "windows" (the tokens themselves) and/or the
+        statistics "xtx", "abs_mean", "fisher". Empty: data-free."""
+        return frozenset({"windows"}) if self.sequential else frozenset()
+
+    def calibration(self, source: str = "bundled", seed: int = 0, num_samples: int | None = None,
+                    seq_len: int | None = None, batch_size: int | None = None) -> CalibrationConfig:
+        """The calibration windows this config wants: the sizes given, else 32 windows of 512 in batches of 8."""
+        d = CalibrationConfig()
+        return CalibrationConfig(source, d.num_samples if num_samples is None else num_samples,
+                                 d.seq_len if seq_len is None else seq_len, seed,
+                                 d.batch_size if batch_size is None else batch_size)
+
+    def validate(self) -> None:
+        if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or not 0 < self.ratio < 1:
+            raise SocoError(f"ratio must be in (0, 1), the fraction of parameters removed; got {self.ratio}")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+@dataclass
+class MethodResult:
+    """What a handler hands back to `compress()`: the ranks it cut to, the config as recorded, extra tensors."""
+
+    rows: list[LayerRank]
+    config: dict
+    tensors: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+
+# handler(model, config, targets, calibration windows or None, calibration config) -> MethodResult
+Handler = Callable[[nn.Module, CompressionConfig, list[Target], "torch.Tensor | None", CalibrationConfig],
+                   MethodResult]
+
+METHODS: dict[str, type[CompressionConfig]] = {}
+_HANDLERS: dict[type[CompressionConfig], Handler] = {}
+
+
+def register(config_cls: type[CompressionConfig], handler: Handler) -> None:
+    """Make a method known: `compress()` runs `handler` for configs of this type, `config_for` finds it by name."""
+    METHODS[config_cls.method] = config_cls
+    _HANDLERS[config_cls] = handler
+
+
+def handler_for(config: CompressionConfig) -> Handler:
+    for cls in type(config).__mro__:  # a subclass of a registered config inherits its handler
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    raise SocoError(f"no handler registered for {type(config).__name__}; call soco_llm.methods.register first")
+
+
+def config_for(method: str, preset: str | None = None, **kwargs) -> CompressionConfig:
+    """Build and validate the config of a method by name, e.g. config_for("svd-llm", ratio=0.4).
+
+    `preset`: one of the config class's named presets; explicit settings override it.
+    """
+    if method not in METHODS:
+        raise SocoError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    cls = METHODS[method]
+    if preset is not None:
+        if preset not in cls.presets:
+            raise SocoError(f"method {method!r} has no preset {preset!r}"
+                            + (f"; presets: {', '.join(sorted(cls.presets))}" if cls.presets else ""))
+        kwargs = {**cls.presets[preset], **kwargs}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(kwargs) - known
+    if unknown:
+        raise SocoError(f"method {method!r} has no setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    cfg = cls(**kwargs)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(d: dict) -> CompressionConfig:
+    d = dict(d)
+    return config_for(d.pop("method", ""), **d)

@@ -1,0 +1,85 @@
+"""`SoCoConfig`: every constant of a SoCo run, its checks, its presets and its calibration sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...errors import SocoError
+from ..base import CalibrationConfig, CompressionConfig
+
+
+@dataclass
+class SoCoConfig(CompressionConfig):
+    """Every constant of a SoCo run. Stage lengths must add up to `steps`; a stage of 0 is off."""
+
+    method: ClassVar[str] = "soco"
+    # quick: under a fifth of the training tokens (60 steps of 2×256 instead of 160 of 4×256).
+    presets: ClassVar[dict[str, dict]] = {"quick": dict(steps=60, batch_size=2, num_samples=64)}
+
+    basis: str = "whitened"  # "whitened" (SVD-LLM style) or "plain" (the paper's SVD of W)
+    cap_basis: bool = True  # train only the components a compressed layer could ever keep
+    steps: int = 160
+    stage_steps: list[int] | None = None  # default: 25 % / 45 % / 30 % of steps
+    batch_size: int = 4
+    seq_len: int = 256
+    num_samples: int = 256  # training windows; fewer over-fit (64 gave train KL 0.64 vs 1.22 held out)
+    whiten_samples: int | None = 64  # the first windows, for XᵀX of the whitened basis (None: all)
+    seed: int = 0
+    lr_scores: float = 5e-3
+    lr_bias: float = 1e-3
+    deviation: bool = True  # train the deviation bias d
+    # Forward the hard cut at the step's budget, gradients through the soft gate (straight-through):
+    # "all" stages, "stage3" only, or "off" (train the soft-gated model throughout).
+    straight_through: str = "all"
+    blockwise: bool = False  # one decoder block at a time against the dense block (blockwise.py); steps per block
+    temperature: float = 0.3  # gate temperature (in log-importance units) in stages 1-2
+    final_temperature: float = 0.02  # reached at the end of stage 3
+    alternate_every: int = 4  # stage 2: steps per half-swing of the budget
+    alternate_amplitude: float = 0.05  # stage 2: relative budget swing at its start
+    size_weight: float = 10.0  # λ_c: two-sided quadratic on (soft ratio − scheduled ratio)
+    polarize_weight: float = 0.5  # λ_p: Σh(1−h) penalty, ramped in over stage 3
+    sparsity_weight: float = 0.01  # λ_s: L1 on the scores of gated-off components in stage 3
+    teacher_topk: int = 128  # teacher log-probs kept per token (the rest is one bucket)
+    checkpoint_every: int = 20
+    run_dir: str | None = None  # checkpoints, basis and teacher cache; None = no checkpoints
+    resume: bool = False
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Training windows always; XᵀX for the whitened basis."""
+        return frozenset({"windows", "xtx"} if self.basis == "whitened" else {"windows"})
+
+    def calibration(self, source: str = "bundled", seed: int = 0, num_samples: int | None = None,
+                    seq_len: int | None = None, batch_size: int | None = None) -> CalibrationConfig:
+        """SoCo trains on its own windows: `num_samples` of `seq_len` tokens, drawn with its seed."""
+        return CalibrationConfig(source, self.num_samples, self.seq_len, self.seed, self.batch_size)
+
+    def stages(self) -> list[int]:
+        if self.stage_steps is not None:
+            return list(self.stage_steps)
+        s1, s2 = round(0.25 * self.steps), round(0.45 * self.steps)
+        return [s1, s2, self.steps - s1 - s2]
+
+    def validate(self) -> None:
+        super().validate()
+        st = self.stages()
+        if len(st) != 3 or any(s < 0 for s in st) or sum(st) != self.steps:
+            raise SocoError(f"stage_steps {st} must be three non-negative lengths adding up to steps={self.steps}")
+        if self.straight_through not in ("all", "stage3", "off"):
+            raise SocoError(f"straight_through must be 'all', 'stage3' or 'off', got {self.straight_through!r}")
+        if self.basis not in ("whitened", "plain"):
+            raise SocoError(f"basis must be 'whitened' or 'plain', got {self.basis!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.num_samples < 1:
+            raise SocoError("steps, batch_size, num_samples must be >= 1 and seq_len >= 2")
+        if not 0 < self.final_temperature <= self.temperature:
+            raise SocoError("need 0 < final_temperature <= temperature")
+
+    def record(self, ratio: float, history: list[dict] | None = None, run_dir=None) -> dict:
+        """The config as a report records it: cut at `ratio`, with the last training step and the run folder."""
+        config = self.to_dict()
+        config["ratio"] = ratio
+        if history:
+            config["final_train"] = history[-1]
+        config["run_dir"] = str(run_dir) if run_dir else None
+        return config

@@ -1,0 +1,47 @@
+"""SoCo's cut: keep the globally most important components at an exact parameter budget, fold
+√(σ·s) into both factors and d into the bias, and swap in ordinary LowRankLinear layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...core.adapter import replace_module
+from ...core.bases import Decomposition
+from ...core.budget import LayerRank, budget_params, global_cut
+from ...core.layer import LowRankLinear
+from .spectral import SpectralLinear
+
+
+@torch.no_grad()
+def kept_components(layers: dict[str, SpectralLinear], ratio: float, added_bias: bool) -> dict[str, list[int]]:
+    """The global cut by learned importance at the exact parameter budget of `ratio`."""
+    shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
+    budget = budget_params(sum(m * n for m, n in shapes.values()), ratio)
+    return global_cut({n: l.importance() for n, l in layers.items()}, shapes, budget, added_bias)
+
+
+@torch.no_grad()
+def set_masks(layers: dict[str, SpectralLinear], kept: dict[str, list[int]]) -> None:
+    for name, l in layers.items():
+        l.mask.zero_()
+        l.mask[torch.tensor(kept[name], dtype=torch.long, device=l.mask.device)] = 1.0
+
+
+@torch.no_grad()
+def cut(model: nn.Module, layers: dict[str, SpectralLinear], ratio: float, added_bias: bool) -> list[LayerRank]:
+    """Global cut by learned importance to the exact budget; fold √(σ·s) and d; swap in LowRankLinear."""
+    kept = kept_components(layers, ratio, added_bias)
+    rows = []
+    for name, l in layers.items():
+        idx = torch.tensor(sorted(kept[name]), dtype=torch.long, device=l.left.device)
+        spec = Decomposition(l.left[:, idx].double(), l.sigma[idx].double(), l.right[idx].double())
+        A, B = spec.factors(idx.numel(), l.scores[idx].double())
+        bias = l.orig_bias.double() if l.orig_bias is not None else None
+        if added_bias:
+            bias = l.delta.double() if bias is None else bias + l.delta.double()
+        dtype = l.left.dtype
+        replace_module(model, name, LowRankLinear.from_factors(A.to(dtype), B.to(dtype),
+                                                               None if bias is None else bias.to(dtype), l.dense_cls))
+        rows.append(LayerRank(name, l.out_features, l.in_features, idx.numel(), added_bias))
+    return rows

@@ -1,0 +1,36 @@
+"""The SoCo handler `compress()` runs for a `SoCoConfig`: checks, the run-folder protocol, then the
+whole-model or the block-wise mode."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...core.adapter import Target
+from ...core.budget import budget_params, check_reachable
+from ...errors import SocoError
+from ...runtime import world
+from ..base import CalibrationConfig, MethodResult
+from . import run_folder
+from .blockwise import compress_blockwise
+from .config import SoCoConfig
+from .run_folder import SCORES_FILE
+from .whole_model import compress_whole_model
+
+
+def compress_soco(model: nn.Module, cfg: SoCoConfig, targets: list[Target], windows: torch.Tensor | None,
+                  _calibration: CalibrationConfig) -> MethodResult:
+    """Train SoCo on `windows` [N, L] and cut `model` in place at cfg.ratio."""
+    torch.manual_seed(cfg.seed)
+    shapes = {t.name: t.shape for t in targets}
+    check_reachable(shapes, budget_params(sum(m * n for m, n in shapes.values()), cfg.ratio), cfg.deviation)
+    if cfg.blockwise and world()[1] > 1:
+        raise SocoError("blockwise SoCo runs in one process; drop torchrun, or train the whole model (blockwise=false)")
+    run_dir, cached = run_folder.prepare(cfg, getattr(model, "name_or_path", None) or None)
+    model.eval()
+    if cfg.blockwise:
+        rows, final, history = compress_blockwise(model, cfg, windows, targets, run_dir)
+    else:
+        rows, final, history = compress_whole_model(model, cfg, windows, targets, run_dir, cached)
+    run_folder.finish(run_dir)
+    return MethodResult(rows, cfg.record(cfg.ratio, history, run_dir), {SCORES_FILE: final})

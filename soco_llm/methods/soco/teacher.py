@@ -1,0 +1,62 @@
+"""The dense model as teacher: its top-k next-token log-probs cached once per training window, and
+the KL of a student's logits to them. No second model copy, no teacher pass per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+# (step generator, process rank, world size) -> the distillation loss of one step's batch
+BatchLoss = Callable[[torch.Generator, int, int], torch.Tensor]
+
+
+@dataclass
+class Teacher:
+    """Top-k log-probs of the dense model for every training window (shifted: predictions 1..L-1)."""
+
+    top_logp: torch.Tensor  # [N, L-1, k]
+    top_idx: torch.Tensor  # [N, L-1, k] int64
+    rest_logp: torch.Tensor  # [N, L-1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"top_logp": self.top_logp, "top_idx": self.top_idx, "rest_logp": self.rest_logp}
+
+
+@torch.no_grad()
+def teacher_cache(model: nn.Module, windows: torch.Tensor, k: int, batch_size: int) -> Teacher:
+    device = next(model.parameters()).device
+    tops, idxs, rests = [], [], []
+    for batch in tqdm(windows.split(batch_size), desc="soco teacher"):
+        logp = F.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits[:, :-1].float(), -1)
+        top, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+        # Kept on the host: the cache for all windows can be larger than what the device holds.
+        tops.append(top.cpu()), idxs.append(idx.cpu()), rests.append(rest.cpu())
+    return Teacher(torch.cat(tops), torch.cat(idxs), torch.cat(rests))
+
+
+def kl_to_teacher(logits: torch.Tensor, top_logp: torch.Tensor, top_idx: torch.Tensor,
+                  rest_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) over the teacher's top-k tokens plus one bucket for the rest."""
+    logq = F.log_softmax(logits[:, :-1].float(), -1)
+    q_top = logq.gather(-1, top_idx)
+    q_rest = torch.log((1 - q_top.exp().sum(-1)).clamp_min(1e-12))
+    kl = (top_logp.exp() * (top_logp - q_top)).sum(-1) + rest_logp.exp() * (rest_logp - q_rest)
+    return kl.mean()
+
+
+def kl_batch_loss(model: nn.Module, windows: torch.Tensor, teacher: Teacher, batch_size: int) -> BatchLoss:
+    """KL to the cached teacher on `batch_size` windows drawn by the step's generator (split over ranks)."""
+    device = next(model.parameters()).device
+
+    def loss(gen: torch.Generator, rank: int, world: int) -> torch.Tensor:
+        idx = torch.randint(0, windows.shape[0], (batch_size,), generator=gen)[rank::world]
+        logits = model(input_ids=windows[idx].to(device), use_cache=False).logits
+        return kl_to_teacher(logits, teacher.top_logp[idx].to(device), teacher.top_idx[idx].to(device),
+                             teacher.rest_logp[idx].to(device))
+    return loss

