@@ -18,7 +18,21 @@ SHAPES = {
                          num_key_value_heads=5, vocab_size=49152),
     "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=49152),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256),
 }
+
+
+def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of every decoder linear of a Llama-style shape, by module name, without building the model."""
+    s = SHAPES[name]
+    h, i = s["hidden_size"], s["intermediate_size"]
+    kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
+    per_block = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                 "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    return {f"model.layers.{b}.{k}": v for b in range(s["num_hidden_layers"]) for k, v in per_block.items()}
 SHAPE_PREFIX = "shape:"
 
 

@@ -93,36 +93,92 @@ def check_reachable(shapes: dict[str, tuple[int, int]], budget: int, added_bias:
                         f"ratio {1 - least / old:.3f}; choose a ratio below that")
 
 
+def _first_per_layer(flat: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """A mask of each layer's most important component (its first index among equal maxima, as argmax)."""
+    best = torch.segment_reduce(flat, "max", lengths=sizes)
+    is_best = flat == torch.repeat_interleave(best, sizes)
+    if int(is_best.sum()) == sizes.numel():  # no ties for a maximum: one per layer
+        return is_best
+    layer = torch.repeat_interleave(torch.arange(sizes.numel(), device=flat.device), sizes)
+    idx = torch.arange(flat.numel(), device=flat.device)
+    first = torch.full((sizes.numel(),), flat.numel(), device=flat.device).scatter_reduce(
+        0, layer, torch.where(is_best, idx, flat.numel()), "amin")
+    mask = torch.zeros_like(is_best)
+    mask[first] = True
+    return mask
+
+
+def _beyond_caps(flat: torch.Tensor, sizes: torch.Tensor, first: torch.Tensor, caps: list[int]) -> torch.Tensor:
+    """A mask of the non-first components a layer can never take: all but its best `cap − 1` (only layers
+    with more than `cap` components have any; with SoCo's capped basis there are none)."""
+    layer = torch.repeat_interleave(torch.arange(sizes.numel(), device=flat.device), sizes)
+    cap = torch.tensor(caps, device=flat.device)
+    sub = torch.nonzero((sizes > cap)[layer] & ~first).squeeze(1)
+    by_imp = sub[torch.argsort(flat[sub], descending=True, stable=True)]
+    grouped = by_imp[torch.argsort(layer[by_imp], stable=True)]
+    counts = torch.bincount(layer[grouped], minlength=sizes.numel())
+    rank = torch.arange(grouped.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[layer[grouped]]
+    out = torch.zeros_like(first)
+    out[grouped] = rank >= cap[layer[grouped]] - 1
+    return out
+
+
 def global_cut(importance: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int,
-               added_bias: bool = False) -> dict[str, list[int]]:
+               added_bias: bool = False) -> dict[str, torch.Tensor]:
     """Keep the most important components over all layers until the parameter budget is met.
 
-    A component of an m×n layer costs m+n; a compressed layer also pays m for its bias d when
-    `added_bias`. Every layer keeps at least its best component, and never grows to a size
-    that is not smaller than dense. Returns the kept component indices per layer.
+    Greedy in descending importance (importances are >= 0): a component of an m×n layer costs m+n and
+    is kept if it still fits the budget; a compressed layer also pays m for its bias d when
+    `added_bias`. Every layer keeps at least its best component, and never grows to a size that is
+    not smaller than dense. Returns a boolean keep-mask per layer, on the importances' device.
+
+    Vectorised without sorting all components (a full sort of a 7B model's ~550k components costs
+    more than the rest of the cut): the greedy keeps everything above a crossing point and, after
+    a component that does not fit, only cheaper components can still fit. So each round finds the
+    crossing with a cost histogram over the float bits of the importances (monotone for values
+    >= 0), sorts only the components in the crossing bin, and drops every later component that
+    costs as much as the one that did not fit. Rounds <= distinct layer costs + 1, each a few
+    device syncs. Ties are broken by layer order, then component index.
     """
     check_reachable(shapes, budget, added_bias)
-    extra = {name: bias_cost(m, added_bias) for name, (m, n) in shapes.items()}
-    kept = {name: [int(torch.argmax(importance[name]))] for name in shapes}
-    used = sum(m + n + extra[name] for name, (m, n) in shapes.items())
-    names, flat_imp, flat_idx = [], [], []
-    for li, name in enumerate(shapes):
-        imp = importance[name].detach().float().cpu()
-        order = torch.argsort(imp, descending=True)[1:]  # the best one is already kept
-        names.append(name)
-        flat_imp.append(imp[order])
-        flat_idx.append(torch.stack([torch.full_like(order, li), order], 1))
-    imp = torch.cat(flat_imp)
-    idx = torch.cat(flat_idx)[torch.argsort(imp, descending=True, stable=True)]
-    cheapest = min(m + n for m, n in shapes.values())
-    for li, ci in idx.tolist():
-        if budget - used < cheapest:
+    names = list(shapes)
+    dims = [shapes[n] for n in names]
+    flat = torch.cat([importance[n].detach().float().reshape(-1) for n in names])
+    # abs: −0.0 sorts as 0; a NaN (a diverged step, caught by the trainer at its next check) counts as 0
+    flat = torch.nan_to_num(flat.abs(), nan=0.0)
+    device = flat.device
+    sizes = torch.tensor([importance[n].numel() for n in names], device=device)
+    cost = torch.repeat_interleave(torch.tensor([m + n for m, n in dims], device=device), sizes)
+    caps = [max_useful_rank(m, n, added_bias) for m, n in dims]
+    first = _first_per_layer(flat, sizes)
+    # `live`, as fp64 weights: the cost of each component the greedy may still take, 0 once decided.
+    live = cost.double().masked_fill(first, 0)
+    if any(importance[n].numel() > c for n, c in zip(names, caps)):
+        live.masked_fill_(_beyond_caps(flat, sizes, first, caps), 0)
+    used = torch.tensor(sum(m + n + bias_cost(m, added_bias) for m, n in dims), device=device)
+    bins = flat.view(torch.int32) >> 16  # 2^15 bins, about 1 % apart, ordered like the values
+    kept = first.clone()
+    for _ in range(len({m + n for m, n in dims}) + 1):
+        above = torch.bincount(bins, weights=live, minlength=1 << 15)
+        above = torch.cat([above.flip(0).cumsum(0).flip(0), above.new_zeros(1)])  # cost of live ones in bins >= b
+        crossing = int((above > budget - used).sum()) - 1  # the highest bin where the budget runs out
+        if crossing < 0:  # everything left fits
+            kept |= live > 0
             break
-        name = names[li]
-        m, n = shapes[name]
-        r = len(kept[name])
-        if used + m + n > budget or (r + 1) * (m + n) + extra[name] >= m * n:
-            continue
-        kept[name].append(ci)
-        used += m + n
-    return kept
+        higher = bins > crossing
+        kept |= higher & (live > 0)
+        used = used + above[crossing + 1].long()
+        cand = torch.nonzero((bins == crossing) & (live > 0)).squeeze(1)
+        cand = cand[torch.argsort(flat[cand], descending=True, stable=True)]
+        n_fit = int((used + torch.cumsum(cost[cand], 0) <= budget).sum())  # a prefix: the sum only grows
+        kept[cand[:n_fit]] = True
+        used = used + cost[cand[:n_fit]].sum()
+        live[cand[:n_fit]] = 0
+        # What did not fit, and anything after it that costs as much, is out; only cheaper ones may still fit.
+        live.masked_fill_(higher | (cost >= cost[cand[n_fit]]), 0)
+    return dict(zip(names, kept.split(sizes.tolist())))
+
+
+def kept_indices(masks: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """The kept component indices of each layer, ascending (for reports and tests)."""
+    return {name: torch.nonzero(m).squeeze(1).tolist() for name, m in masks.items()}

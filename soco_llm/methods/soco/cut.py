@@ -14,18 +14,17 @@ from .spectral import SpectralLinear
 
 
 @torch.no_grad()
-def kept_components(layers: dict[str, SpectralLinear], ratio: float, added_bias: bool) -> dict[str, list[int]]:
-    """The global cut by learned importance at the exact parameter budget of `ratio`."""
+def kept_components(layers: dict[str, SpectralLinear], ratio: float, added_bias: bool) -> dict[str, torch.Tensor]:
+    """The global cut by learned importance at the exact parameter budget of `ratio`: a keep-mask per layer."""
     shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
     budget = budget_params(sum(m * n for m, n in shapes.values()), ratio)
     return global_cut({n: l.importance() for n, l in layers.items()}, shapes, budget, added_bias)
 
 
 @torch.no_grad()
-def set_masks(layers: dict[str, SpectralLinear], kept: dict[str, list[int]]) -> None:
+def set_masks(layers: dict[str, SpectralLinear], kept: dict[str, torch.Tensor]) -> None:
     for name, l in layers.items():
-        l.mask.zero_()
-        l.mask[torch.tensor(kept[name], dtype=torch.long, device=l.mask.device)] = 1.0
+        l.mask.copy_(kept[name])
 
 
 @torch.no_grad()
@@ -34,7 +33,7 @@ def cut(model: nn.Module, layers: dict[str, SpectralLinear], ratio: float, added
     kept = kept_components(layers, ratio, added_bias)
     rows = []
     for name, l in layers.items():
-        idx = torch.tensor(sorted(kept[name]), dtype=torch.long, device=l.left.device)
+        idx = torch.nonzero(kept[name]).squeeze(1)  # ascending, as the factors keep σ's order
         spec = Decomposition(l.left[:, idx].double(), l.sigma[idx].double(), l.right[idx].double())
         A, B = spec.factors(idx.numel(), l.scores[idx].double())
         bias = l.orig_bias.double() if l.orig_bias is not None else None

@@ -31,7 +31,9 @@ from ...core.adapter import Target, replace_module
 class GateState:
     """Shared by every SpectralLinear of a model; the trainer sets it each step."""
 
-    log_theta: float = float("-inf")  # −inf: all gates open (keep all)
+    # log θ: a 0-dim tensor on the layers' device (solved there each step, so reading it needs no host
+    # sync), or −inf: all gates open (keep all).
+    log_theta: torch.Tensor | float = float("-inf")
     temperature: float = 0.3
     hard: bool = False  # straight-through: forward the exact cut (`mask`), backward through the soft gate
 
@@ -65,7 +67,7 @@ class SpectralLinear(nn.Module):
 
     def soft_gate(self) -> torch.Tensor:
         g = self.gate_state
-        if g.log_theta == float("-inf"):
+        if isinstance(g.log_theta, float) and g.log_theta == float("-inf"):
             return torch.ones_like(self.scores)
         return torch.sigmoid((torch.log(self.importance() + 1e-30) - g.log_theta) / g.temperature)
 

@@ -17,7 +17,7 @@ from ...runtime import world
 from .config import SoCoConfig
 from .cut import kept_components, set_masks
 from .run_folder import has_checkpoint, load_checkpoint, save_checkpoint
-from .schedule import SizeModel, plan
+from .schedule import SizeModel, StepPlan, plan
 from .spectral import GateState, SpectralLinear
 from .teacher import BatchLoss
 
@@ -52,6 +52,24 @@ def train_scores(layers: dict[str, SpectralLinear], gate: GateState, batch_loss:
         start, history = load_checkpoint(run_dir, layers, opt)
         log.info("resumed from step %d in %s", start, run_dir)
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=rank != 0)
+    # Per-step numbers stay on the device until a checkpoint (or the end) reads them all in one sync:
+    # a step must not wait for the host (a NaN is caught there, before anything is saved).
+    pending: list[tuple[int, StepPlan, torch.Tensor]] = []
+
+    def flush() -> None:
+        values = torch.stack([t for _, _, t in pending]).tolist() if pending else []
+        for (step, p, _), (kl, size_loss, pol, soft_frac, finite) in zip(pending, values):
+            if not finite:
+                raise SocoError(f"the loss became NaN/inf at step {step}; the last good checkpoint is kept"
+                                f"{' in ' + str(run_dir) if run_dir else ''}; lower --lr or resume with --resume")
+            history.append({"step": step + 1, "stage": p.stage, "kl": kl, "size": size_loss, "polarize": pol,
+                            "soft_ratio": 1 - soft_frac, "target": 1 - p.keep_frac, "temperature": p.temperature})
+        pending.clear()
+        if history:
+            h = history[-1]
+            bar.set_postfix(stage=h["stage"], kl=f"{h['kl']:.3f}", size=f"{h['size']:.2e}",
+                            pol=f"{h['polarize']:.3f}", ratio=f"{h['soft_ratio']:.3f}")
+
     try:
         for step in bar:
             p = plan(cfg, step, full_frac)
@@ -65,15 +83,12 @@ def train_scores(layers: dict[str, SpectralLinear], gate: GateState, batch_loss:
             soft_frac = size.soft() / size.dense
             size_loss = cfg.size_weight * (soft_frac - p.keep_frac) ** 2
             loss = kl + size_loss
-            pol = torch.zeros(())
+            pol = kl.new_zeros(())
             if p.polarize > 0 or p.sparsity > 0:
                 gates = torch.cat([l.soft_gate() for l in layers.values()])
                 pol = (gates * (1 - gates)).mean()
                 off = torch.cat([l.scores.abs() * (l.gate().detach() < 0.5) for l in layers.values()]).mean()
                 loss = loss + p.polarize * pol + p.sparsity * off
-            if not torch.isfinite(loss):
-                raise SocoError(f"the loss became NaN/inf at step {step}; the last good checkpoint is kept"
-                                f"{' in ' + str(run_dir) if run_dir else ''}; lower --lr or resume with --resume")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if size_world > 1:
@@ -82,15 +97,14 @@ def train_scores(layers: dict[str, SpectralLinear], gate: GateState, batch_loss:
                         dist.all_reduce(q.grad)
                         q.grad /= size_world
             opt.step()
-            rec = {"step": step + 1, "stage": p.stage, "kl": float(kl.detach()), "size": float(size_loss.detach()),
-                   "polarize": float(pol.detach()), "soft_ratio": 1 - float(soft_frac.detach()),
-                   "target": 1 - p.keep_frac, "temperature": p.temperature}
-            history.append(rec)
-            bar.set_postfix(stage=p.stage, kl=f"{rec['kl']:.3f}", size=f"{rec['size']:.2e}",
-                            pol=f"{rec['polarize']:.3f}", ratio=f"{rec['soft_ratio']:.3f}")
-            if run_dir is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-                save_checkpoint(run_dir, step + 1, layers, opt, history)
+            pending.append((step, p, torch.stack([t.detach().float() for t in
+                                                  (kl, size_loss, pol, soft_frac, torch.isfinite(loss))])))
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                flush()
+                if run_dir is not None and rank == 0:
+                    save_checkpoint(run_dir, step + 1, layers, opt, history)
     except KeyboardInterrupt:
+        flush()  # raises instead if a NaN came since the last checkpoint: then that one is the last good state
         if run_dir is not None and rank == 0 and history and history[-1]["step"] > start:
             save_checkpoint(run_dir, history[-1]["step"], layers, opt, history)
             log.warning("interrupted: checkpoint at step %d in %s; continue with --resume", history[-1]["step"], run_dir)
