@@ -62,3 +62,20 @@ def test_methods_run_end_to_end_in_bf16(method):
     assert 0.4 - 1e-9 <= report.achieved_ratio < 0.5
     logits = model(input_ids=random_windows(2, 16)).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_running_out_of_memory_names_the_phase_and_the_setting(monkeypatch):
+    import soco_llm.methods.soco.whole_model as whole_model
+
+    def no_memory(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(whole_model, "teacher_cache", no_memory)
+    with pytest.raises(soco_llm.SocoError, match=r"out of CPU memory during teacher; lower --batch-size"):
+        soco_llm.compress(tiny_model("llama"), soco_llm.SoCoConfig(ratio=0.4, steps=2), random_windows(4, 32))
+
+
+def test_soco_reports_the_time_of_each_phase():
+    report = soco_llm.compress(tiny_model("llama"), soco_llm.SoCoConfig(ratio=0.4, steps=2, batch_size=4),
+                               random_windows(4, 32))
+    assert set(report.config["phases"]["seconds"]) == {"teacher", "basis", "training", "cut"}

@@ -8,6 +8,7 @@ from torch import nn
 
 from ...core.adapter import Target
 from ...core.budget import budget_params, check_reachable
+from ...core.phases import Phases
 from ...errors import SocoError
 from ...runtime import world
 from ..base import CalibrationConfig, MethodResult
@@ -28,9 +29,13 @@ def compress_soco(model: nn.Module, cfg: SoCoConfig, targets: list[Target], wind
         raise SocoError("blockwise SoCo runs in one process; drop torchrun, or train the whole model (blockwise=false)")
     run_dir, cached = run_folder.prepare(cfg, getattr(model, "name_or_path", None) or None)
     model.eval()
+    phases = Phases(next(model.parameters()).device)
     if cfg.blockwise:
-        rows, final, history = compress_blockwise(model, cfg, windows, targets, run_dir)
+        with phases("blocks", "lower --batch-size or --seq-len"):
+            rows, final, history = compress_blockwise(model, cfg, windows, targets, run_dir)
     else:
-        rows, final, history = compress_whole_model(model, cfg, windows, targets, run_dir, cached)
+        rows, final, history = compress_whole_model(model, cfg, windows, targets, run_dir, cached, phases)
     run_folder.finish(run_dir)
-    return MethodResult(rows, cfg.record(cfg.ratio, history, run_dir), {SCORES_FILE: final})
+    config = cfg.record(cfg.ratio, history, run_dir)
+    config["phases"] = phases.record()
+    return MethodResult(rows, config, {SCORES_FILE: final})

@@ -10,6 +10,7 @@ from torch import nn
 
 from ...core.adapter import Target
 from ...core.budget import LayerRank
+from ...core.phases import Phases
 from .basis import decompose_targets
 from .config import SoCoConfig
 from .cut import cut
@@ -27,19 +28,24 @@ def train(model: nn.Module, layers: dict[str, SpectralLinear], gate: GateState, 
 
 
 def compress_whole_model(model: nn.Module, cfg: SoCoConfig, windows: torch.Tensor, targets: list[Target],
-                         run_dir: Path | None, cached: bool) -> tuple[list[LayerRank], dict, list[dict]]:
+                         run_dir: Path | None, cached: bool, phases: Phases) -> tuple[list[LayerRank], dict, list[dict]]:
     """Train and cut `model` in place: (rows, trained tensors, history)."""
     if cached:
         teacher, basis = load_teacher(run_dir), load_basis(run_dir)
     else:
-        teacher = teacher_cache(model, windows, cfg.teacher_topk, cfg.batch_size)
-        basis = decompose_targets(model, cfg, targets, windows)
+        with phases("teacher", "lower --batch-size, --seq-len or --set teacher_topk=N"):
+            teacher = teacher_cache(model, windows, cfg.teacher_topk, cfg.batch_size)
+        with phases("basis", "lower --batch-size or --set whiten_samples=N, or train block-wise (--set blockwise=true)"):
+            basis = decompose_targets(model, cfg, targets, windows)
         save_cache(run_dir, basis, teacher)
-    gate = GateState()
-    layers = install_spectral(model, targets, basis, gate)
-    history = train(model, layers, gate, windows, teacher, cfg, run_dir)
-    final = trained_tensors(layers)
-    rows = cut(model, layers, cfg.ratio, cfg.deviation)
+    with phases("training", "lower --batch-size or --seq-len, or train block-wise (--set blockwise=true); "
+                "continue with --resume from the last checkpoint"):
+        gate = GateState()
+        layers = install_spectral(model, targets, basis, gate)
+        history = train(model, layers, gate, windows, teacher, cfg, run_dir)
+    with phases("cut", "train block-wise (--set blockwise=true)"):
+        final = trained_tensors(layers)
+        rows = cut(model, layers, cfg.ratio, cfg.deviation)
     save_tensors(run_dir, SCORES_FILE, final)
     return rows, final, history
 
