@@ -160,3 +160,18 @@ def test_speed_script_combines_fresh_processes(model_dir, tmp_path):
     assert comp["decode_speedup"] == pytest.approx(dense["decode_ms_per_token"] / comp["decode_ms_per_token"])
     text = out_md.read_text()
     assert "decode × per process" in text and "the median over 2 such processes" in text
+
+
+def test_gpu_check_runs_its_path_on_the_cpu(monkeypatch, tmp_path, model_dir, capsys):
+    monkeypatch.setitem(shapes.SHAPES, "tiny-test", TINY_SHAPE)
+    check = load_script("gpu_check")
+    monkeypatch.setattr(check, "SHAPES", shapes.SHAPES)
+    assert check.main(["--device", "cpu", "--model", str(model_dir), "--steps", "2", "--eval-windows", "1",
+                       "--shape", "tiny-test", "--shape-steps", "2", "--shape-samples", "4",
+                       "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "gpu_check_cpu.json").read_text())["rows"]
+    assert [r["row"].split(" @")[0] for r in rows] == ["svd-llm", "soco", "soco"]
+    assert set(rows[1]["phases_s"]) == {"teacher", "basis", "training", "cut"} and rows[1]["s_per_step"] > 0
+    assert "| soco @ 0.4" in (tmp_path / "gpu_check_cpu.md").read_text()
+    if not torch.cuda.is_available():
+        assert check.main(["--device", "cuda"]) == 2 and "no CUDA device here" in capsys.readouterr().err
