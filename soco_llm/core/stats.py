@@ -160,7 +160,8 @@ class BlockRunner:
 def collect_fisher(model: nn.Module, targets: list[Target], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Σ over batches of squared LM-loss gradients, summed per output row (FWSVD's row weights)."""
     device = next(model.parameters()).device
-    fisher = {t.name: torch.zeros(t.shape[0], dtype=torch.float64) for t in targets}
+    # fp64 sums on each layer's own device: no copy to the host per backward pass
+    fisher = {t.name: torch.zeros(t.shape[0], dtype=torch.float64, device=t.module.weight.device) for t in targets}
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -172,7 +173,7 @@ def collect_fisher(model: nn.Module, targets: list[Target], batches: list[torch.
 
         def accumulate(param, name=t.name, transposed=transposed):
             g2 = param.grad.detach().double().pow(2)
-            fisher[name] += (g2.sum(0) if transposed else g2.sum(1)).cpu()
+            fisher[name] += g2.sum(0) if transposed else g2.sum(1)
             param.grad = None  # keep memory at one gradient at a time
 
         handles.append(w.register_post_accumulate_grad_hook(accumulate))
