@@ -149,7 +149,8 @@ def run_single(job: dict) -> dict:
                                    batch_size=c["batch_size"])
 
     t0 = time.perf_counter()
-    model, tok = soco_llm.load_model()
+    device = torch.device(job.get("device") or "cpu")
+    model, tok = soco_llm.load_model(None, None, str(device))
     load_s = time.perf_counter() - t0
     if (calib_cfg.num_samples, calib_cfg.seq_len) != (c["num_samples"], c["seq_len"]):
         # a trained method (SoCo) samples windows of its own size, from the same passages and seed
@@ -158,6 +159,8 @@ def run_single(job: dict) -> dict:
     inventory = decoder_linear_inventory(model)
     rss_before = rss_bytes()
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     hwm_reset = reset_peak_rss()  # so the kernel's high-water mark covers compression alone
     with PeakRSS(interval=0.01) as sampler:  # 10 ms, as the JSON says ("peak_rss_source")
         t0 = time.perf_counter()
@@ -203,6 +206,8 @@ def run_single(job: dict) -> dict:
         "peak_rss_since_start_mib": mib(peak_through_compress),
         "peak_rss_incl_eval_mib": mib(ru_maxrss_bytes()),
         "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        **({"peak_gpu_mib": mib(torch.cuda.max_memory_allocated(device))} if device.type == "cuda" else {}),
         "ranks": {"min": min((r["rank"] for r in report.layers if r["rank"]), default=0),
                   "max": max((r["rank"] for r in report.layers), default=0)},
     }
@@ -221,6 +226,7 @@ def render_markdown(results: dict) -> str:
     from soco_llm.core.budget import RATIO_DEFINITION
 
     rows = results["rows"]
+    gpu = any("peak_gpu_mib" in r for r in rows.values())  # the column only where a row ran on CUDA
     env = results["environment"]
     s = results["settings"]
     dense = results.get("dense") or {}
@@ -249,13 +255,15 @@ def render_markdown(results: dict) -> str:
         "the call), which includes the dense fp32 model already loaded (*before*) and the runtime. "
         "*achieved*: recounted from the compressed modules, by the definition above.",
         "",
-        "| method | target | achieved | perplexity | tokens | compress (s) | peak RSS (MiB) | before (MiB) | ranks | model params |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| method | target | achieved | perplexity | tokens | compress (s) | peak RSS (MiB) |"
+        + (" peak GPU (MiB) |" if gpu else "") + " before (MiB) | ranks | model params |",
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|---|---:|",
     ]
     for row in sorted(rows.values(), key=lambda r: (r["order"], r["target_ratio"])):
+        gpu_cell = (f" | {row['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in row else " | —") if gpu else ""
         lines.append(
             f"| {row['label']} | {row['target_ratio']:g} | {row['achieved_ratio']:.4f} | {fmt_ppl(row['perplexity'])} "
-            f"| {row['tokens']} | {row['compress_s']:.1f} | {row['peak_rss_mib']:.0f} "
+            f"| {row['tokens']} | {row['compress_s']:.1f} | {row['peak_rss_mib']:.0f}{gpu_cell} "
             f"| {row['rss_before_compress_mib']:.0f} | {row['ranks']['min']}–{row['ranks']['max']} "
             f"| {row['model_params_after'] / 1e6:.2f}M |")
     sized = [r for r in rows.values() if r.get("saved_size")]
@@ -269,6 +277,9 @@ def render_markdown(results: dict) -> str:
                 f"{mib(z['decoder_linear_bytes_dense'])} MiB = **{100 * z['decoder_linear_fraction']:.1f} %**; "
                 f"whole weights file {mib(z['file_bytes_compressed'])} MiB vs {mib(z['file_bytes_dense'])} MiB "
                 f"({100 * z['file_fraction']:.1f} %; embeddings are tied and not compressed).")
+    # results written before the shared harness recorded `cpu_count` and a three-value load average
+    cores = env.get("logical_cpus", env.get("cpu_count"))
+    load = env.get("load_average_1min", (env.get("load_average_at_start") or [None])[0])
     lines += [
         "",
         "## Environment",
@@ -277,8 +288,8 @@ def render_markdown(results: dict) -> str:
         *[f"- resumed from an earlier run ({e.get('date')}): `{e.get('command')}`" for e in env.get("earlier_runs", [])],
         f"- date: {env['date']}; git commit {env.get('git_commit')}",
         f"- torch {env['torch']}, transformers {env['transformers']}, python {env['python']}",
-        f"- CPU: {env['cpu']}, {env['logical_cpus']} cores, torch threads {env['torch_threads']}; "
-        f"1-min load average at start {env.get('load_average_1min')} (the machine is shared: times are indicative)",
+        f"- CPU: {env['cpu']}, {cores} cores, torch threads {env['torch_threads']}; "
+        f"1-min load average at start {load} (the machine is shared: times are indicative)",
         "",
         "![perplexity vs ratio](compare_methods.png)",
         "",
@@ -356,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows run at once, each in its own process (default 1; more share the CPU, so times are "
                         "only comparable within one setting)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
+    p.add_argument("--device", default="cpu", help="where each row runs: cpu, cuda or cuda:N (peak GPU memory is "
+                   "recorded beside peak RSS on CUDA)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--resume", action="store_true", help="skip rows already in <out-dir>/compare_methods.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars from the child processes")
@@ -419,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             _, spec, r = todo_item
             job = {"key": key, "label": spec.label, "method": spec.method, "settings": spec.settings, "ratio": r,
                    "calib_path": str(calib_path), "calibration": settings["calibration"],
-                   "eval": settings["eval"], "threads": args.threads, "plugins": args.plugin,
+                   "eval": settings["eval"], "threads": args.threads, "device": args.device, "plugins": args.plugin,
                    "measure_size": key == args.size_row,
                    "save_dir": str(args.save_models.resolve()) if args.save_models else None}
             return runner.run_fresh(__file__, "--single", key, job, work, args.quiet)
