@@ -67,3 +67,43 @@ def test_ties_keep_the_budget_and_the_caps(capped):
         for k, (m, n) in shapes.items():
             assert 1 <= int(masks[k].sum()) <= max(max_useful_rank(m, n, True), 1)
             assert masks[k][int(torch.argmax(importance[k]))]  # the layer's best (first of equals) is kept
+
+
+def reference_grouped_cut(importance, shapes, budget, added_bias, q):
+    """The grouped greedy spelled out: each layer's components best first in groups of q, ranked by mean."""
+    items, kept, used = [], {}, 0
+    for li, (name, (m, n)) in enumerate(shapes.items()):
+        order = torch.argsort(importance[name], descending=True, stable=True).tolist()
+        groups = [order[i:i + q] for i in range(0, len(order), q)]
+        kept[name] = list(groups[0])
+        used += len(groups[0]) * (m + n) + (m if added_bias else 0)
+        cap = max_useful_rank(m, n, added_bias) // q
+        for gi, g in enumerate(groups[1:], start=1):
+            if len(g) == q and gi < cap:
+                items.append((float(importance[name][g].mean()), li, gi, name, g, q * (m + n)))
+    for *_, name, g, cost in sorted(items, key=lambda t: (-t[0], t[1], t[2])):
+        if used + cost <= budget:
+            kept[name] += g
+            used += cost
+    return {name: sorted(k) for name, k in kept.items()}
+
+
+@pytest.mark.parametrize("q", [2, 4, 8])
+def test_rank_multiples_keep_whole_groups_within_the_budget(q):
+    g = torch.Generator().manual_seed(q)
+    compared = 0
+    for _ in range(40):
+        shapes, importance = _random_case(g, True, 2.0)
+        old = sum(m * n for m, n in shapes.values())
+        least = sum(q * (m + n) + m for m, n in shapes.values())
+        for keep in (0.3, 0.6, 0.9):
+            budget = int(keep * old)
+            if budget < least:
+                continue
+            masks = global_cut(importance, shapes, budget, True, multiple=q)
+            assert kept_indices(masks) == reference_grouped_cut(importance, shapes, budget, True, q)
+            for k, (m, n) in shapes.items():
+                kept = int(masks[k].sum())
+                assert kept % q == 0 or kept == importance[k].numel() < q
+            compared += 1
+    assert compared > 20

@@ -43,3 +43,12 @@ def test_report_matches_model_parameters(ratio):
     assert report.achieved_ratio - ratio <= slack
     assert sum(r["params"] for r in report.layers) == factored
     assert report.model_params_before - report.model_params_after == dense - factored
+
+
+def test_uniform_rank_rounds_down_to_a_multiple_and_never_exceeds_the_share():
+    assert uniform_rank(4096, 4096, 0.4) == 1228 and uniform_rank(4096, 4096, 0.4, 8) == 1224
+    assert uniform_rank(4096, 4096, 0.4, 64) == 1216
+    assert uniform_rank(10, 10, 0.5, 8) == 2  # below one multiple: the plain rule
+    for m, n, ratio, q in [(576, 1536, 0.4, 8), (192, 576, 0.2, 16), (1536, 576, 0.6, 64)]:
+        r = uniform_rank(m, n, ratio, q)
+        assert r % q == 0 and r * (m + n) <= m * n * (1 - ratio)
