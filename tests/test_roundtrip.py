@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import soco_llm
 from soco_llm import LowRankLinear
+from soco_llm.io.format import FORMAT_VERSION
 from tiny import ARCHS, random_windows, tiny_model, tiny_tokenizer
 
 
@@ -32,7 +33,7 @@ def test_save_load_identical_logits(arch, tmp_path):
     assert torch.equal(plain(input_ids=x).logits, ref)
 
     cfg = json.loads((out / "config.json").read_text())["compression"]
-    assert cfg["format_version"] == 1 and cfg["method"] == "svd-llm"
+    assert cfg["format_version"] == FORMAT_VERSION and cfg["method"] == "svd-llm"
     assert cfg["ranks"] == report.ranks and "ratio_definition" in cfg
 
     dense_dir = soco_llm.export_dense(out, tmp_path / "dense")

@@ -1,16 +1,21 @@
 """The saved format of a compressed folder: its version, its `compression` section in config.json,
-and the checks that a folder is one (config, version, readable weights).
+the load guard, and the checks that a folder (or a set of weights beside a model) is complete and exact.
 
 A compressed folder is an ordinary HF folder whose config.json carries
   "compression": {format_version, method, ratio_definition, ranks, biased, config, ...}
-  "quantization_config": {"quant_method": "soco_lowrank"}
-The second key lets plain `AutoModelForCausalLM.from_pretrained` rebuild it after `import soco_llm`.
+  "quantization_config": {"quant_method": "soco_lowrank", "format_version": N}
+  "transformers_weights": LOAD_GUARD                                   (format 2 on)
+The second key lets plain `AutoModelForCausalLM.from_pretrained` rebuild it after `import soco_llm`; the
+third makes it fail, naming the fix, where soco_llm's quantizer is not there to replace the guard by the
+real weights file (soco_llm not imported, or quantization_config removed). Format 1 is format 2 without
+the guard; it is still read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from safetensors import safe_open
@@ -20,9 +25,18 @@ from ..version import __version__
 from ..core.layer import LowRankLinear
 from ..errors import SocoError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 QUANT_METHOD = "soco_lowrank"
 WEIGHTS = "model.safetensors"
+# transformers refuses a `transformers_weights` that is not a *.safetensors name and prints it, so this
+# sentence is what a user sees when the folder is loaded without soco-llm's hook (see the module docstring).
+LOAD_GUARD = ("soco-llm compressed model: run `import soco_llm` (pip install soco-llm) before from_pretrained, "
+              "or use soco_llm.load(folder); if soco_llm was imported, config.json lost its quantization_config "
+              "and the folder is damaged")
+# A dotted module path of identifiers and indices, never a dunder segment: a name from config.json is
+# handed to get_submodule, so `..`, `__class__` or a path cannot reach anything outside the module tree.
+_NAME = re.compile(r"(?!__)[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 
 
 def compression_section(model: nn.Module, report) -> dict:
@@ -40,35 +54,150 @@ def compression_section(model: nn.Module, report) -> dict:
     }
 
 
-def read_compression(folder: str | os.PathLike) -> dict:
-    """The `compression` section of a compressed folder, with clear errors for bad folders."""
-    folder = Path(folder)
+def _read_config(folder: Path) -> dict:
     if not folder.is_dir():
         raise SocoError(f"model folder {str(folder)!r} not found")
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise SocoError(f"{str(folder)!r} has no config.json; is it a model folder written by `soco compress`?")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise SocoError(f"{cfg_path} is not valid JSON ({e.msg}); the folder is corrupt, re-create it") from e
-    comp = cfg.get("compression")
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SocoError(f"{cfg_path} is not valid JSON ({str(e).splitlines()[0]}); the folder is corrupt, "
+                        "re-create it") from None
+    if not isinstance(cfg, dict):
+        raise SocoError(f"{cfg_path} is not a JSON object; the folder is corrupt, re-create it")
+    return cfg
+
+
+def check_compression(comp, where: str) -> dict:
+    """`comp` is a readable compression section: known version, ranks {module name: int >= 0} (0 = left
+    dense), `biased` naming compressed layers. `where` names the folder in the messages."""
     if not isinstance(comp, dict) or "ranks" not in comp:
-        raise SocoError(f"{str(folder)!r} is not a soco-llm compressed model (no 'compression' section in config.json)")
-    if comp.get("format_version", 0) > FORMAT_VERSION:
-        raise SocoError(f"{str(folder)!r} uses format version {comp['format_version']}; upgrade soco-llm to read it")
+        raise SocoError(f"{where} is not a soco-llm compressed model (no 'compression' section in config.json)")
+    version = comp.get("format_version")
+    if type(version) is int and version > READABLE_VERSIONS[-1]:
+        raise SocoError(f"{where} uses format version {version}; upgrade soco-llm to read it")
+    if version not in READABLE_VERSIONS or type(version) is not int:
+        raise SocoError(f"{where} has an invalid format_version {version!r} (known: {list(READABLE_VERSIONS)}); "
+                        "the folder is corrupt, re-create it")
+    ranks, biased = comp["ranks"], comp.get("biased", [])
+    if not isinstance(ranks, dict) or not isinstance(biased, list):
+        raise SocoError(f"{where}: compression.ranks must be an object and compression.biased a list; "
+                        "the folder is corrupt, re-create it")
+    for name, rank in ranks.items():
+        if not all(_NAME.fullmatch(s) for s in name.split(".")):
+            raise SocoError(f"{where}: {name!r} in compression.ranks is not a module name; the folder is corrupt "
+                            "or hostile, re-create it")
+        if type(rank) is not int or rank < 0:
+            raise SocoError(f"{where}: the rank of {name} is {rank!r}, not an integer >= 1 (or 0 for a layer "
+                            "left dense); the folder is corrupt, re-create it")
+    bad = [b for b in biased if not isinstance(b, str) or ranks.get(b, 0) == 0]
+    if bad:
+        raise SocoError(f"{where}: compression.biased names {bad[0]!r}, which compression.ranks does not list "
+                        "with a rank >= 1; the folder is corrupt, re-create it")
     return comp
 
 
-def check_weights(folder: Path) -> None:
-    """Open every safetensors file's header so a truncated or corrupt file fails with one clear line."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SocoError(f"{str(folder)!r} has no .safetensors weights; the folder is incomplete")
+def read_compression(folder: str | os.PathLike) -> dict:
+    """The checked `compression` section of a compressed folder (config.json only), with clear errors."""
+    return check_compression(_read_config(Path(folder)).get("compression"), repr(str(folder)))
+
+
+def read_shapes(files) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from safetensors headers (no tensor data read); a truncated or corrupt file,
+    or a tensor stored twice, fails with one clear line."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as h:
                 for k in h.keys():
-                    h.get_slice(k)
+                    if k in shapes:
+                        raise SocoError(f"tensor {k} is stored twice ({f}); the folder is corrupt, re-create it")
+                    shapes[k] = tuple(h.get_slice(k).get_shape())
+        except SocoError:
+            raise
         except Exception as e:
             raise SocoError(f"{f} is corrupt or truncated ({str(e).splitlines()[0]}); re-create the folder") from e
+    return shapes
+
+
+def check_weights(folder: Path) -> None:
+    """Open every safetensors file's header so a truncated or corrupt file fails with one clear line."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise SocoError(f"{str(folder)!r} has no .safetensors weights; the folder is incomplete")
+    read_shapes(files)
+
+
+def _check_factors(comp: dict, shapes: dict, where: str) -> None:
+    """The weights hold exactly the tensors the ranks say: A (r, in), B (out, r), a bias (out,) where biased."""
+    ranks, biased = comp["ranks"], set(comp.get("biased", []))
+    for name, r in ranks.items():
+        if r == 0:
+            if f"{name}.weight" not in shapes:
+                raise SocoError(f"{where}: the dense weight of {name} (rank 0) is missing from {WEIGHTS}; "
+                                "the folder is incomplete, re-create it")
+            continue
+        A, B, bias = shapes.get(f"{name}.A"), shapes.get(f"{name}.B"), shapes.get(f"{name}.bias")
+        if A is None or B is None or (name in biased and bias is None):
+            raise SocoError(f"{where}: factors of {name} are missing from {WEIGHTS}; the folder is incomplete, "
+                            "re-create it")
+        if len(A) != 2 or len(B) != 2 or A[0] != r or B[1] != r:
+            raise SocoError(f"{where}: factors of {name} have shapes {list(A)} and {list(B)}, not rank {r} as "
+                            "config.json says; the folder is corrupt, re-create it")
+        if name in biased and bias != (B[0],):
+            raise SocoError(f"{where}: the bias of {name} has shape {list(bias)}, not [{B[0]}]; re-create the folder")
+        if f"{name}.weight" in shapes or (bias is not None and name not in biased):
+            raise SocoError(f"{where}: {WEIGHTS} holds tensors of {name} that config.json does not list "
+                            "(a dense weight or an unlisted bias); the folder is corrupt, re-create it")
+    stray = [k for k in shapes if k.endswith((".A", ".B")) and ranks.get(k.rsplit(".", 1)[0], 0) == 0]
+    if stray:
+        raise SocoError(f"{where}: {WEIGHTS} holds factor {stray[0]}, which config.json's ranks do not list; "
+                        "the folder is corrupt, re-create it")
+
+
+def check_folder(folder: str | os.PathLike) -> dict:
+    """Validate a compressed folder without building the model, for `soco info` and `soco_llm.load`:
+    config.json (the compression section, quantization_config), every safetensors header, and the
+    factors' shapes against the ranks. Returns the compression section; raises SocoError (one line)."""
+    folder = Path(folder)
+    where = repr(str(folder))
+    cfg = _read_config(folder)
+    comp = check_compression(cfg.get("compression"), where)
+    quant = cfg.get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
+        raise SocoError(f"{where}: config.json has a compression section but no quantization_config "
+                        f"{{\"quant_method\": \"{QUANT_METHOD}\"}}, without which every compressed layer would "
+                        "load random; the folder is damaged, re-create it")
+    check_weights(folder)
+    if not (folder / WEIGHTS).is_file():
+        raise SocoError(f"{where} has no {WEIGHTS}; the folder is incomplete, re-create it")
+    _check_factors(comp, read_shapes([folder / WEIGHTS]), where)
+    return comp
+
+
+def check_against_model(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """The tensors in `shapes` are exactly what `model` (usually built on the meta device) takes: none
+    missing, none left over, every shape equal. transformers would only print a report and initialise
+    the missing ones at random; here that is an error."""
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    partner = {**tied, **{v: k for k, v in tied.items()}}  # one of a tied pair is stored (unique_state_dict)
+    ignore_missing = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
+    ignore_unexpected = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    missing = [k for k in expected if k not in shapes and partner.get(k) not in shapes
+               and not any(p.search(k) for p in ignore_missing)]
+    unexpected = [k for k in shapes if k not in expected and not any(p.search(k) for p in ignore_unexpected)]
+    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    arch = type(model).__name__
+    if missing:
+        raise SocoError(f"{where}: {len(missing)} tensor(s) that {arch} needs are missing from the weights "
+                        f"(first: {missing[0]}); the folder is incomplete or damaged, re-create it")
+    if unexpected:
+        raise SocoError(f"{where}: the weights hold {len(unexpected)} tensor(s) that {arch} has no place for "
+                        f"(first: {unexpected[0]}), which loading would drop; the folder is damaged, re-create it")
+    if wrong:
+        k = wrong[0]
+        raise SocoError(f"{where}: {k} has shape {list(shapes[k])} in the weights but {list(expected[k])} in "
+                        f"{arch} ({len(wrong)} such tensor(s)); the folder is corrupt, re-create it")

@@ -1,7 +1,8 @@
 """Saving and loading model folders: safetensors + JSON only, written atomically, never over a folder unasked.
 
-`save_compressed` writes the compressed format (see `format.py`), `load` rebuilds it without
-materialising dense weights, `save_dense` / `export_dense` write ordinary HF folders.
+`save_compressed` writes the compressed format (see `format.py`), `load` checks and rebuilds it without
+materialising dense weights, `save_dense` / `export_dense` write ordinary HF folders (merged by
+`dense.py`), checked before they are moved into place.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..core.adapter import replace_module
-from ..core.layer import LowRankLinear
 from ..errors import SocoError
 from ..runtime import parse_dtype
 from . import hf_quantizer  # noqa: F401  registers the format, so from_pretrained below can rebuild it
 from .atomic import atomic_dir, atomic_write_json
-from .format import FORMAT_VERSION, QUANT_METHOD, WEIGHTS, check_weights, compression_section, read_compression
+from .dense import FORMAT_KEYS, check_dense_folder, merge_to_dense
+from .format import FORMAT_VERSION, LOAD_GUARD, QUANT_METHOD, WEIGHTS, check_folder, compression_section
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _config_dict(model: nn.Module) -> dict:
     d = model.config.to_dict()
-    for k in ("compression", "quantization_config"):
+    for k in FORMAT_KEYS:
         d.pop(k, None)
     return d
 
@@ -61,6 +61,7 @@ def save_compressed(model: nn.Module, tokenizer, out: str | os.PathLike, report,
     config = _config_dict(model)
     config["compression"] = compression_section(model, report)
     config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
+    config["transformers_weights"] = LOAD_GUARD  # see format.py: plain transformers fails, naming the fix
     with atomic_dir(out, overwrite) as tmp:
         _write_model(tmp, model, tokenizer, config)
         atomic_write_json(tmp / "compression_report.json", report.to_dict())
@@ -71,35 +72,23 @@ def save_compressed(model: nn.Module, tokenizer, out: str | os.PathLike, report,
 
 
 def save_dense(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write an ordinary HF folder; compressed layers are merged back to dense weights first."""
+    """Write an ordinary HF folder; compressed layers are merged back to dense weights first, and the folder
+    is checked to load exactly with plain transformers before it is moved into place."""
     merge_to_dense(model)
     with atomic_dir(out, overwrite) as tmp:
         _write_model(tmp, model, tokenizer, _config_dict(model))
+        check_dense_folder(tmp, repr(str(out)))
     return Path(out)
 
 
-@torch.no_grad()
-def merge_to_dense(model: nn.Module) -> nn.Module:
-    """Replace every LowRankLinear by the dense module it came from (W = B·A), in place."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, LowRankLinear):
-            replace_module(model, name, m.to_dense())
-    for k in ("compression", "quantization_config"):
-        if hasattr(model.config, k):
-            delattr(model.config, k)
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    model.is_quantized = False
-    return model
-
-
 def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str = "cpu") -> nn.Module:
-    """Rebuild a compressed model from its folder, without materialising dense weights."""
-    read_compression(folder)
-    check_weights(Path(folder))
+    """Rebuild a compressed model from its folder, without materialising dense weights; the folder is
+    checked first (`format.check_folder`) and every tensor must fit the rebuilt model (`hf_quantizer`)."""
+    check_folder(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=parse_dtype(dtype) or "auto")
+    except SocoError:
+        raise
     except Exception as e:
         raise SocoError(f"could not load {str(folder)!r}: {str(e).strip().splitlines()[0]}") from e
     return model.to(device).eval()
