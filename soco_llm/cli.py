@@ -5,31 +5,43 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import sys
 
+from .checks import at_least, option_type
 from .commands import COMMANDS
 from .errors import SocoError
-from .methods import METHODS
+from .eval.perplexity import EVAL_RULES
+from .methods import METHODS, ASVDConfig, CalibrationConfig, CompressionConfig, Interrupted
+from .runtime import DEVICE_CHOICES, DTYPES
 
 log = logging.getLogger("soco_llm")
 
+_ratio = option_type(float, CompressionConfig.rules["ratio"], name="ratio")
+_calib = {k: option_type(int, rule) for k, rule in CalibrationConfig.rules.items()}
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1), the fraction of parameters removed; got {value}")
-    return value
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage text is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: CUDA when available, else the CPU "
+                   "(default auto)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default="bundled",
                    help="held-out text: bundled (BoolQ dev passages), wikitext2, c4, ptb, or a text file")
-    p.add_argument("--eval-windows", type=int, default=24, help="number of windows to score; 0 = all (default 24)")
-    p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (default 512)")
-    p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument("--eval-windows", type=option_type(int, EVAL_RULES["max_windows"]), default=24,
+                   help="number of windows to score; 0 = all (default 24)")
+    p.add_argument("--eval-seq-len", type=option_type(int, EVAL_RULES["seq_len"]), default=512,
+                   help="evaluation window length (default 512)")
+    p.add_argument("--eval-batch-size", type=option_type(int, EVAL_RULES["batch_size"]), default=4)
 
 
 def _add_zeroshot_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +54,7 @@ def _add_zeroshot_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="soco", description="Compress Hugging Face causal LMs by low-rank factorisation.")
+    parser = _Parser(prog="soco", description="Compress Hugging Face causal LMs by low-rank factorisation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -53,13 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--calib", default="bundled", help="calibration text: bundled, wikitext2, c4, ptb, or a text file")
-    c.add_argument("--samples", type=int, default=None, help="calibration windows (default 32; soco: 256)")
-    c.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 512; soco: 256)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=None, help="calibration / training batch size")
+    c.add_argument("--samples", type=_calib["num_samples"], default=None,
+                   help="calibration windows (default 32; soco: 256)")
+    c.add_argument("--seq-len", type=_calib["seq_len"], default=None,
+                   help="calibration window length (default 512; soco: 256)")
+    c.add_argument("--seed", type=_calib["seed"], default=0)
+    c.add_argument("--batch-size", type=_calib["batch_size"], default=None, help="calibration / training batch size")
     c.add_argument("--sequential", action="store_true",
                    help="feed each block the outputs of the already-compressed earlier blocks")
-    c.add_argument("--alpha", type=float, default=None, help="ASVD activation exponent (default 0.5)")
+    c.add_argument("--alpha", type=option_type(float, ASVDConfig.rules["alpha"]), default=None,
+                   help="ASVD activation exponent, in [0, 1] (default 0.5)")
     c.add_argument("--target-modules", nargs="+", default=None, help="module names or regexes to compress")
     c.add_argument("--exclude-modules", nargs="+", default=None, help="module names or regexes to leave dense")
     c.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -70,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "under a fifth of the default's training tokens): faster, at higher perplexity")
     c.add_argument("--run-dir", default=None, help="soco: checkpoints and basis (default: OUT.run)")
     c.add_argument("--resume", action="store_true", help="soco: continue the run in --run-dir")
-    c.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    _add_device_arg(c)
     c.add_argument("--no-eval", dest="eval", action="store_false", help="skip dense/compressed perplexity")
     c.add_argument("--baseline", default=None, metavar="METHOD",
                    help="also compress a fresh copy of the dense model with METHOD (its default calibration: "
@@ -82,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default=None, help="model folder, .gguf file or hub id (default: bundled model)")
     _add_eval_args(e)
     _add_zeroshot_args(e)
-    e.add_argument("--dtype", default=None)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: as saved")
+    _add_device_arg(e)
 
     i = sub.add_parser("info", help="ranks per layer, achieved ratio and sizes of a compressed folder")
     i.add_argument("folder")
@@ -95,16 +110,42 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--no-eval", dest="eval", action="store_false")
+    _add_device_arg(r)
     _add_eval_args(r)
 
     x = sub.add_parser("export-dense", help="write an ordinary dense HF folder from a compressed one")
     x.add_argument("folder")
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
+
+    g = sub.add_parser("generate", help="greedy text from a model (dense or compressed), with tokens/s")
+    g.add_argument("model", nargs="?", default=None, help="model folder, .gguf file or hub id (default: bundled model)")
+    g.add_argument("--prompt", default="The capital of France is", help="text to continue")
+    g.add_argument("--max-new-tokens", type=option_type(int, at_least(1)), default=64)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: as saved")
+    _add_device_arg(g)
+
+    k = sub.add_parser("clean", help="clean up the temporary and moved-aside folders that killed saves left")
+    k.add_argument("path", nargs="?", default=".",
+                   help="an output folder (what was left beside it) or a folder to clean (default: .)")
+    k.add_argument("--dry-run", action="store_true", help="only list what would be cleaned up")
     return parser
 
 
+def _interrupted(e: KeyboardInterrupt, argv: list[str]) -> str:
+    """The last line after Ctrl-C: true about what is on disk, and the command that continues, if any."""
+    if not isinstance(e, Interrupted):
+        return "soco: interrupted; no output folder is left half-written (every save is atomic)"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        again = "the same torchrun command with --resume"
+    else:
+        again = "soco " + shlex.join(argv if "--resume" in argv else [*argv, "--resume"])
+    return f"soco: interrupted; {e.kept}; continue with: {again}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -113,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     except SocoError as e:
         print(f"soco: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("soco: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(_interrupted(e, argv), file=sys.stderr)
         return 130
     return 0
 

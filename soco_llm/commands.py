@@ -2,7 +2,8 @@
 
 Generic over methods: the command line's options become config fields of the same name where
 the method's config has them, presets come from the config class, and calibration sizes from
-`config.calibration(...)`.
+`config.calibration(...)`. Every command checks all its inputs (options, config, files, output folder)
+before it loads a model, so bad input costs nothing and writes nothing.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import json
 from pathlib import Path
 
 from .compress import compress
-from .data import calibration_windows
+from .data import calibration_windows, check_source
 from .errors import SocoError
+from .eval.generate import generate
 from .eval.perplexity import evaluate_perplexity
 from .eval.zeroshot import check_options, evaluate_tasks, format_results, task_manager
-from .io import export_dense, read_compression, save_compressed
+from .info import print_info
+from .io import atomic, check_folder, export_dense, save_compressed
 from .methods import METHODS, config_for, export_from_run
+from .methods.soco import run_config
 from .models import load_model
-from .runtime import init_distributed, is_main_process
+from .runtime import init_distributed, is_main_process, resolve_device
 
 
 def _eval(model, tok, args, label: str):
@@ -61,7 +65,7 @@ def method_kwargs(args) -> tuple[dict, str | None]:
               "exclude_modules": args.exclude_modules}
     for option, name in FIELD_OPTIONS.items():
         value = getattr(args, option)
-        if value in (None, False):
+        if value is None or value is False:  # not given (0 is a value: --alpha 0 is plain SVD)
             continue
         if name not in fields and args.method in METHODS:
             users = sorted(m for m in METHODS if name in _fields(m))
@@ -78,25 +82,55 @@ def method_kwargs(args) -> tuple[dict, str | None]:
     return kwargs, preset
 
 
+def check_out(out: str, overwrite: bool, *inputs) -> None:
+    """The output folder can be written as asked, checked before any work: not a file, not one of the inputs,
+    and with --overwrite only a model folder (or an empty one) is replaced, never a folder of other files."""
+    path = Path(out)
+    if not out.strip():
+        raise SocoError("--out is empty; give the output folder's path")
+    if any(i is not None and Path(i).resolve() == path.resolve() for i in inputs):
+        raise SocoError(f"--out {out!r} is also an input of this command; write to another folder")
+    if path.exists() and not path.is_dir():
+        raise SocoError(f"--out {out!r} is a file; give a folder path")
+    ancestor = next(p for p in path.absolute().parents if p.exists())
+    if not ancestor.is_dir():
+        raise SocoError(f"--out {out!r} cannot be made: {str(ancestor)!r} is a file")
+    if path.exists() and not overwrite:
+        raise SocoError(f"output folder {out!r} already exists; pass --overwrite to replace it")
+    if path.exists() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise SocoError(f"--overwrite replaces model folders only, and {out!r} holds no config.json; "
+                        "delete it yourself or choose another --out")
+
+
+def _check_eval_data(args) -> None:
+    if getattr(args, "eval", True):
+        check_source(args.eval_data, "--eval-data")
+
+
 def cmd_compress(args) -> None:
-    out = Path(args.out)
+    """Every input is checked first (options, config, run folder, text files, output folder); only then is the
+    model loaded."""
+    device = resolve_device(args.device)
+    check_source(args.calib, "--calib")  # even where a data-free method will not read it: a bad file is a mistake
     kwargs, preset = method_kwargs(args)
-    config = config_for(args.method, preset, **kwargs)  # validates before any heavy work
+    config = config_for(args.method, preset, **kwargs)  # validates every field before any heavy work
+    config.preflight()
     calib = config.calibration(args.calib, args.seed, args.samples, args.seq_len, args.batch_size)
     calib.validate()
-    if out.exists() and not args.overwrite:
-        raise SocoError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
-    baseline = config_for(args.baseline, ratio=args.ratio) if args.baseline else None
+    baseline = config_for(args.baseline, ratio=args.ratio) if args.baseline is not None else None
     if baseline is not None and not args.eval:
         raise SocoError("--baseline compares perplexities; drop --no-eval")
-    init_distributed()  # under torchrun / accelerate launch; a no-op otherwise
+    _check_eval_data(args)
+    check_out(args.out, args.overwrite, args.model, getattr(config, "run_dir", None))
+    init_distributed(device)  # under torchrun / accelerate launch; a no-op otherwise
     main_process = is_main_process()
-    model, tok = load_model(args.model, args.dtype, args.device)
+    model, tok = load_model(args.model, args.dtype, device)
     dense = _eval(model, tok, args, "dense") if args.eval and main_process else None
     rows = [("dense", dense)] if dense is not None else []
     if baseline is not None and main_process:
         rows.append((baseline.method, _run_baseline(copy.deepcopy(model), tok, baseline, args)))
-    windows = calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
+    windows = (calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
+               if config.needs else None)  # a data-free method reads no text
     report = compress(model, config, windows, calib)
     if not main_process:
         return
@@ -130,9 +164,11 @@ def _finish(model, tok, report, args, dense=None, rows=()) -> None:
 
 
 def cmd_export(args) -> None:
-    if Path(args.out).exists() and not args.overwrite:
-        raise SocoError(f"output folder {args.out!r} already exists; pass --overwrite to replace it")
-    model, tok, report = export_from_run(args.run, args.ratio)
+    device = resolve_device(args.device)
+    run_config(args.run)  # run.json readable and valid, before the model is loaded
+    _check_eval_data(args)
+    check_out(args.out, args.overwrite, args.run)
+    model, tok, report = export_from_run(args.run, args.ratio, device=device)
     print(report.summary())
     _finish(model, tok, report, args)
 
@@ -140,53 +176,63 @@ def cmd_export(args) -> None:
 def cmd_eval(args) -> None:
     if args.tasks is None and (args.limit is not None or args.num_fewshot):
         raise SocoError("--limit and --num-fewshot apply to zero-shot tasks; add --tasks, e.g. --tasks soco_piqa")
+    device = resolve_device(args.device)
     if args.tasks is not None:
-        _zeroshot(args)
+        _zeroshot(args, device)
         return
-    model, tok = load_model(args.model, args.dtype, args.device)
+    check_source(args.eval_data, "--eval-data")
+    model, tok = load_model(args.model, args.dtype, device)  # a compressed folder's format is checked first
     _eval(model, tok, args, "perplexity")
 
 
-def _zeroshot(args) -> None:
+def _zeroshot(args, device) -> None:
     """`soco eval --tasks`: lm-eval accuracy table instead of perplexity; names checked before loading."""
     check_options(args.limit, args.num_fewshot)
     manager = task_manager(args.tasks)
-    model, tok = load_model(args.model, args.dtype, args.device)
+    model, tok = load_model(args.model, args.dtype, device)
     results = evaluate_tasks(model, tok, args.tasks, args.limit, args.eval_batch_size, args.num_fewshot,
                              manager=manager)
     print(format_results(results))
 
 
 def cmd_info(args) -> None:
-    comp = read_compression(args.folder)
+    comp = check_folder(args.folder)  # ranks, factors and weights checked: a damaged folder is exit 2, not a table
     if args.json:
         print(json.dumps(comp, indent=2))
         return
-    report_path = Path(args.folder) / "compression_report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    rows = report.get("layers") or [{"name": n, "rank": r} for n, r in comp["ranks"].items()]
-    print(f"method: {comp['method']}   target ratio: {comp.get('target_ratio')}   "
-          f"achieved ratio: {comp.get('achieved_ratio', float('nan')):.4f}")
-    print(f"ratio definition: {comp.get('ratio_definition')}")
-    if report:
-        print(f"whole model: {report['model_params_before'] / 1e6:.2f}M -> {report['model_params_after'] / 1e6:.2f}M params")
-    size = sum(f.stat().st_size for f in Path(args.folder).glob("*.safetensors"))
-    print(f"weights on disk: {size / 2**20:.1f} MiB")
-    print(f"{'layer':<48} {'out x in':>12} {'rank':>6} {'ratio':>7}")
-    for r in rows:
-        shape = f"{r['out_features']}x{r['in_features']}" if "out_features" in r else ""
-        rank = r["rank"] if r["rank"] else "dense"
-        ratio = f"{r['ratio']:.3f}" if "ratio" in r else ""
-        print(f"{r['name']:<48} {shape:>12} {rank:>6} {ratio:>7}")
+    print_info(Path(args.folder), comp)
 
 
 def cmd_export_dense(args) -> None:
-    read_compression(args.folder)
-    if Path(args.out).exists() and not args.overwrite:
-        raise SocoError(f"output folder {args.out!r} already exists; pass --overwrite to replace it")
+    check_folder(args.folder)
+    check_out(args.out, args.overwrite, args.folder)
     export_dense(args.folder, args.out, args.overwrite)
     print(f"wrote dense model to {args.out}")
 
 
+def cmd_clean(args) -> None:
+    """Clean up what killed saves left beside an output path, or in a folder (`io.atomic.clean_stale`)."""
+    path = Path(args.path)
+    if not args.path.strip():
+        raise SocoError("soco clean needs a path; give an output folder or a folder to clean, e.g. `soco clean runs`")
+    if path.exists() and not path.is_dir():
+        raise SocoError(f"{args.path!r} is a file; give an output folder or a folder to clean")
+    if not path.absolute().parent.is_dir():
+        raise SocoError(f"{str(path.absolute().parent)!r} not found; give an output folder or a folder to clean")
+    removed = atomic.clean_stale(path, dry_run=args.dry_run)
+    for p in removed:  # removed, or an old folder put back where its output path was empty
+        print(f"{'would clean up' if args.dry_run else 'cleaned up'} {p}")
+    if not removed:
+        print(f"nothing to clean at {args.path}")
+
+
+def cmd_generate(args) -> None:
+    model, tok = load_model(args.model, args.dtype, resolve_device(args.device))
+    g = generate(model, tok, args.prompt, args.max_new_tokens, args.chat)
+    print(g.text)
+    print(f"\n{g.new_tokens} new tokens after a {g.prompt_tokens}-token prompt in {g.seconds:.2f}s: "
+          f"{g.tokens_per_s:.1f} tokens/s (greedy, prefill included)")
+
+
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export,
-            "export-dense": cmd_export_dense}
+            "export-dense": cmd_export_dense, "clean": cmd_clean, "generate": cmd_generate}

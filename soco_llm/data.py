@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import at_least, check
 from .errors import SocoError
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,35 @@ def bundled_passages(split: str) -> list[str]:
     raise ValueError(f"unknown split {split!r}")
 
 
-def read_text_file(path: str | os.PathLike) -> str:
+def read_text_file(path: str | os.PathLike, option: str = "the text source") -> str:
+    """A UTF-8 text file's text. A binary file (NUL bytes) or one in another encoding is refused rather than
+    read as replacement characters: perplexity or calibration on such "text" would mean nothing."""
     p = Path(path)
     if not p.is_file():
-        raise SocoError(f"text file {str(p)!r} not found; give an existing file or one of: bundled, {', '.join(HF_DATASETS)}")
-    return p.read_text(encoding="utf-8", errors="replace")
+        what = "is a folder, not a text file" if p.is_dir() else "not found"
+        raise SocoError(f"{option}: text file {str(path)!r} {what}; give an existing file or one of: bundled, "
+                        f"{', '.join(HF_DATASETS)}")
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise SocoError(f"{option}: {str(path)!r} is a binary file (it holds NUL bytes), not text; "
+                        "give a UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SocoError(f"{option}: {str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "convert it, e.g. iconv -f latin1 -t utf-8") from None
+    if not text.strip():
+        raise SocoError(f"{option}: text file {str(path)!r} is empty")
+    return text
+
+
+def check_source(source: str, option: str) -> None:
+    """Fail now, not after the expensive work, when a text source is a file that cannot serve (the hub sources
+    are only reachable once they are loaded)."""
+    if not source.strip():
+        raise SocoError(f"{option} is empty; give bundled, {', '.join(HF_DATASETS)} or a text file")
+    if source != "bundled" and source not in HF_DATASETS:
+        read_text_file(source, option)
 
 
 def hf_dataset_text(name: str, split: str) -> str:
@@ -95,7 +120,7 @@ def hf_dataset_text(name: str, split: str) -> str:
     raise SocoError(f"unknown dataset {name!r}; choose bundled, {', '.join(HF_DATASETS)} or a text file path")
 
 
-def source_text(source: str, purpose: str, seed: int = 0) -> str:
+def source_text(source: str, purpose: str, seed: int = 0, option: str = "the text source") -> str:
     """The text of a source. purpose: 'calibration' (train split) or 'eval' (held-out split)."""
     if source == "bundled":
         passages = bundled_passages("calibration" if purpose == "calibration" else "heldout")
@@ -105,7 +130,7 @@ def source_text(source: str, purpose: str, seed: int = 0) -> str:
     if source in HF_DATASETS:
         split = "train" if purpose == "calibration" else ("validation" if source == "c4" else "test")
         return hf_dataset_text(source, split)
-    return read_text_file(source)
+    return read_text_file(source, option)
 
 
 def _bos(tokenizer) -> int | None:
@@ -121,15 +146,18 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return torch.tensor(ids, dtype=torch.long)
 
 
-def cut_windows(ids: torch.Tensor, seq_len: int, bos: int | None, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of seq_len tokens; with a BOS id each window is BOS + (seq_len−1) text tokens."""
+def cut_windows(ids: torch.Tensor, seq_len: int, bos: int | None, max_windows: int | None = None,
+                option: str = "--seq-len") -> torch.Tensor:
+    """Non-overlapping windows of seq_len tokens; with a BOS id each window is BOS + (seq_len−1) text tokens.
+    `option`: the setting that gave seq_len, named when the text is too short (calibration and eval differ)."""
+    check(option, seq_len, int, at_least(2))  # one prediction needs two tokens
     body = seq_len - 1 if bos is not None else seq_len
     n = ids.numel() // body
     if max_windows:
         n = min(n, max_windows)
     if n == 0:
         raise SocoError(
-            f"text too short: {ids.numel()} tokens, one window needs {body}; give more text or a smaller --seq-len"
+            f"text too short: {ids.numel()} tokens, one window needs {body}; give more text or a smaller {option}"
         )
     w = ids[: n * body].view(n, body)
     if bos is not None:
@@ -140,9 +168,9 @@ def cut_windows(ids: torch.Tensor, seq_len: int, bos: int | None, max_windows: i
 def calibration_windows(tokenizer, source: str = "bundled", num_samples: int = 32, seq_len: int = 512,
                         seed: int = 0) -> torch.Tensor:
     """`num_samples` windows of `seq_len` tokens sampled reproducibly from `seed` (BOS prepended when defined)."""
-    text = source_text(source, "calibration", seed)
+    text = source_text(source, "calibration", seed, "--calib")
     ids = tokenize(tokenizer, text, max_tokens=None if source != "bundled" else num_samples * seq_len * 2)
-    windows = cut_windows(ids, seq_len, _bos(tokenizer))
+    windows = cut_windows(ids, seq_len, _bos(tokenizer), option="--seq-len")
     if windows.shape[0] < num_samples:
         log.warning("calibration text gives only %d windows of %d tokens (asked for %d)",
                     windows.shape[0], seq_len, num_samples)
@@ -153,6 +181,6 @@ def calibration_windows(tokenizer, source: str = "bundled", num_samples: int = 3
 
 def eval_windows(tokenizer, source: str = "bundled", seq_len: int = 512, max_windows: int | None = 24) -> torch.Tensor:
     """The first `max_windows` non-overlapping windows of the held-out text (all if None/0)."""
-    text = source_text(source, "eval")
+    text = source_text(source, "eval", option="--eval-data")
     ids = tokenize(tokenizer, text, max_tokens=max_windows * seq_len if max_windows else None)
-    return cut_windows(ids, seq_len, _bos(tokenizer), max_windows)
+    return cut_windows(ids, seq_len, _bos(tokenizer), max_windows, option="--eval-seq-len")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .core.stats import nonfinite_weight
 from .data import package_dir
 from .errors import SocoError
-from .io import save_dense
-from .runtime import parse_dtype
+from .io import check_folder, save_dense
+from .runtime import parse_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +58,48 @@ def default_model_dir() -> Path:
     return target
 
 
-def load_model(spec: str | None = None, dtype: str | torch.dtype | None = None, device: str = "cpu",
+def _ready(model, tok, spec: str, device: torch.device):
+    """The model on its device, in eval mode; NaN or inf weights are refused here, naming the tensor, rather
+    than blamed later on the dtype or the data."""
+    model = model.to(device).eval()
+    bad = nonfinite_weight(model)
+    if bad is not None:
+        raise SocoError(f"model {spec!r} has NaN or inf in its weight {bad}; its files are broken: re-create or "
+                        "re-download the model")
+    return model, tok
+
+
+def _is_compressed(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SocoError(f"{folder / 'config.json'} is not valid JSON ({str(e).splitlines()[0]}); the folder is "
+                        "corrupt, re-create or re-download it") from None
+    return isinstance(config, dict) and "compression" in config
+
+
+def load_model(spec: str | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                trust_remote_code: bool = False):
-    """(model, tokenizer) for a folder, .gguf file, hub id, or None for the bundled default."""
+    """(model, tokenizer) for a folder, .gguf file, hub id, or None for the bundled default.
+    `device`: auto, cpu, cuda or cuda:N (`runtime.resolve_device`)."""
     dtype = parse_dtype(dtype)
+    device = resolve_device(device)
     if spec is None or spec == "default":
         spec = str(default_model_dir())
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SocoError(f"GGUF file {spec!r} not found")
-        model, tok = _from_gguf(path, dtype)
-        return model.to(device).eval(), tok
+        return _ready(*_from_gguf(path, dtype), spec, device)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        if path.exists() and not path.is_dir():
+            raise SocoError(f"{spec!r} is a file, not a model folder; give a model folder, a .gguf file or a hub id")
         if not path.is_dir():
             raise SocoError(f"model folder {spec!r} not found; give a model folder, a .gguf file or a hub id (org/name)")
         if not (path / "config.json").is_file():
             raise SocoError(f"{spec!r} has no config.json; is it a Hugging Face model folder?")
+        if _is_compressed(path):  # the checks `soco info` and `soco_llm.load` make (version, ranks, factors)
+            check_folder(path)
     kw = {"trust_remote_code": trust_remote_code}
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto", **kw)
@@ -82,4 +109,4 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype | None = None, 
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SocoError(f"could not load model {spec!r}: {first}") from e
-    return model.to(device).eval(), tok
+    return _ready(model, tok, spec, device)

@@ -1,4 +1,4 @@
-"""Where tensors run: dtype names, and the distributed context a caller set up.
+"""Where tensors run: dtype names, device names (`resolve_device`), and the distributed context a caller set up.
 
 The library never starts a process group itself: the CLI (or the user's own script) calls
 `init_distributed()` under torchrun / accelerate launch; library code only asks `world()`.
@@ -24,6 +24,33 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', 'cuda' or 'cuda:N', checked against this machine
+    so that a missing GPU is one clear line, not torch's assertion deep inside `.to()`. Under torchrun,
+    'auto' and 'cuda' mean this process's own GPU (LOCAL_RANK)."""
+    if isinstance(device, torch.device):
+        return device
+    text = "auto" if device is None else device.strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    kind, sep, index = text.partition(":")
+    if kind != "cuda" or (sep and not index.isdigit()):
+        raise SocoError(f"unknown device {device!r}; choose {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+        raise SocoError(f"--device {device}: {why}; use --device cpu (or --device auto, which falls back to the CPU)")
+    n = int(index) if index else int(os.environ.get("LOCAL_RANK", "0"))
+    if n >= torch.cuda.device_count():
+        raise SocoError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0; choose cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", n)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the process group the caller joined; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -31,10 +58,14 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> None:
-    """Join the process group torchrun / accelerate launch set up (NCCL on GPUs, gloo on CPUs)."""
+def init_distributed(device: torch.device | None = None) -> None:
+    """Join the process group torchrun / accelerate launch set up: NCCL for a CUDA `device`, gloo for the CPU
+    (without a device: NCCL whenever torch sees a GPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        if cuda and device is not None:
+            torch.cuda.set_device(device)  # NCCL's collectives run on the current device
+        dist.init_process_group("nccl" if cuda else "gloo")
 
 
 def is_main_process() -> bool:

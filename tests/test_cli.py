@@ -41,6 +41,18 @@ def test_compress_eval_info_export(capsys, model_dir, text_file, tmp_path):
     assert code == 0 and json.loads((tmp_path / "d" / "config.json").read_text())["model_type"] == "llama"
 
 
+def test_generate_on_a_saved_compressed_folder(capsys, model_dir, text_file, tmp_path):
+    out = tmp_path / "c"
+    assert run(capsys, *compress_args(model_dir, text_file, out, "--no-eval"))[0] == 0
+    code, stdout, err = run(capsys, "generate", out, "--prompt", "The quick brown fox", "--max-new-tokens", "6")
+    assert code == 0, err
+    assert "6 new tokens after a" in stdout and "tokens/s" in stdout
+    code, _, err = run(capsys, "generate", out, "--prompt", "")
+    _one_line_error(code, err, "prompt is empty")
+    code, _, err = run(capsys, "generate", out, "--chat")  # the tiny tokenizer has no chat template
+    _one_line_error(code, err, "no chat template")
+
+
 def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "soco_llm.cli", "compress", "--method", "svd", "--ratio", "2",
                         "--out", "x"], capture_output=True, text=True)

@@ -82,10 +82,33 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[
     return captured
 
 
+def nonfinite_weight(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN or inf, None when all are finite."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            return name
+    return None
+
+
+def nonfinite_inputs_error(model: nn.Module, where: str, dtype: torch.dtype) -> SocoError:
+    """Why a layer (or the loss) saw NaN or inf, most likely cause first: broken weights, then the dtype, then
+    the data."""
+    bad = nonfinite_weight(model)
+    if bad is not None:
+        return SocoError(f"NaN or inf in {where}: the model's weight {bad} holds NaN or inf, so its "
+                         "files are broken; re-create or re-download the model")
+    if dtype != torch.float32:
+        return SocoError(f"NaN or inf in {where}; the model is unstable in {str(dtype).split('.')[-1]} "
+                         "(try --dtype float32)")
+    return SocoError(f"NaN or inf in {where}: the weights are finite but the activations overflow even "
+                     "in float32; check the model's weights (some may be huge) and the calibration text (--calib)")
+
+
 class _InputStats:
     """Forward hook that accumulates XᵀX and Σ|x|; layers fed the same tensor share the work."""
 
-    def __init__(self, targets: list[Target], kinds: set[str]):
+    def __init__(self, targets: list[Target], kinds: set[str], model: nn.Module):
+        self.model = model  # only to say why, when an input is NaN
         self.stats = {t.name: LayerStats() for t in targets}
         self.kinds = kinds
         self._memo: dict[tuple, tuple] = {}
@@ -98,8 +121,7 @@ class _InputStats:
             if key not in self._memo:
                 x2 = x.reshape(-1, x.shape[-1]).float()
                 if not torch.isfinite(x2).all():
-                    raise SocoError(f"NaN or inf in the inputs of {name}; the model is unstable in this dtype "
-                                    "(try --dtype float32) or the calibration data is broken")
+                    raise nonfinite_inputs_error(self.model, f"the inputs of {name}", x.dtype)
                 # One batch's product in fp32 (4-8x faster on CPU), accumulated across batches in fp64.
                 xtx = (x2.T @ x2).double() if "xtx" in self.kinds else None
                 abs_sum = x2.abs().sum(0, dtype=torch.float64) if "abs_mean" in self.kinds else None
@@ -141,7 +163,7 @@ class BlockRunner:
         inputs = capture_block_inputs(self.model, self.batches)
         for i, block in enumerate(tqdm(blocks, desc=desc)):
             targets = [t for t in self.targets if t.block == i]
-            collector = _InputStats(targets, kinds)
+            collector = _InputStats(targets, kinds, self.model)
             outputs = []
             try:
                 for args, kwargs in inputs:
@@ -185,7 +207,7 @@ def collect_fisher(model: nn.Module, targets: list[Target], batches: list[torch.
             ids = ids.to(device)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             if not torch.isfinite(loss):
-                raise SocoError("the LM loss on the calibration data is NaN or inf; try --dtype float32")
+                raise nonfinite_inputs_error(model, "the LM loss", next(model.parameters()).dtype)
             loss.backward()
     finally:
         for h in handles:

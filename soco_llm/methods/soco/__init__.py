@@ -21,9 +21,9 @@ ratios (`export.py`).
 
 from ..base import register
 from .config import SoCoConfig
-from .export import export_from_run
+from .export import export_from_run, run_config
 from .handler import compress_soco
 
 register(SoCoConfig, compress_soco)
 
-__all__ = ["SoCoConfig", "compress_soco", "export_from_run"]
+__all__ = ["SoCoConfig", "compress_soco", "export_from_run", "run_config"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...checks import Rule, above, at_least, between, one_of
 from ...errors import SocoError
 from ..base import CalibrationConfig, CompressionConfig
+from .run_state import check_run_dir
 
 
 @dataclass
@@ -16,6 +18,17 @@ class SoCoConfig(CompressionConfig):
     method: ClassVar[str] = "soco"
     # quick: under a fifth of the training tokens (60 steps of 2×256 instead of 160 of 4×256).
     presets: ClassVar[dict[str, dict]] = {"quick": dict(steps=60, batch_size=2, num_samples=64)}
+    # Ranges beside the annotated types (checks.py), all checked before anything is loaded.
+    rules: ClassVar[dict[str, Rule]] = {
+        **{k: CalibrationConfig.rules[k] for k in ("batch_size", "seq_len", "num_samples", "seed")},
+        "basis": one_of("whitened", "plain"), "straight_through": one_of("all", "stage3", "off"),
+        "steps": at_least(1), "stage_steps": at_least(0), "whiten_samples": at_least(1),
+        "lr_scores": above(0), "lr_bias": at_least(0), "temperature": above(0), "final_temperature": above(0),
+        # The stage-2 budget swings to target·(1 ± amplitude): an amplitude of 1 would ask for nothing.
+        "alternate_every": at_least(1), "alternate_amplitude": between(0, 1, high_open=True),
+        "size_weight": at_least(0), "polarize_weight": at_least(0), "sparsity_weight": at_least(0),
+        "teacher_topk": at_least(1), "checkpoint_every": at_least(1),
+    }
 
     basis: str = "whitened"  # "whitened" (SVD-LLM style) or "plain" (the paper's SVD of W)
     cap_basis: bool = True  # train only the components a compressed layer could ever keep
@@ -62,18 +75,17 @@ class SoCoConfig(CompressionConfig):
         return [s1, s2, self.steps - s1 - s2]
 
     def validate(self) -> None:
-        super().validate()
+        super().validate()  # every field's type and range first: the checks below compare valid numbers
         st = self.stages()
         if len(st) != 3 or any(s < 0 for s in st) or sum(st) != self.steps:
             raise SocoError(f"stage_steps {st} must be three non-negative lengths adding up to steps={self.steps}")
-        if self.straight_through not in ("all", "stage3", "off"):
-            raise SocoError(f"straight_through must be 'all', 'stage3' or 'off', got {self.straight_through!r}")
-        if self.basis not in ("whitened", "plain"):
-            raise SocoError(f"basis must be 'whitened' or 'plain', got {self.basis!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.num_samples < 1:
-            raise SocoError("steps, batch_size, num_samples must be >= 1 and seq_len >= 2")
-        if not 0 < self.final_temperature <= self.temperature:
-            raise SocoError("need 0 < final_temperature <= temperature")
+        if self.final_temperature > self.temperature:
+            raise SocoError(f"final_temperature ({self.final_temperature}) must be <= temperature "
+                            f"({self.temperature}): stage 3 anneals the gates from one to the other")
+
+    def preflight(self) -> None:
+        """The run folder must be usable as asked (fresh, or resumable with --resume); see run_state.py."""
+        check_run_dir(self)
 
     def record(self, ratio: float, history: list[dict] | None = None, run_dir=None) -> dict:
         """The config as a report records it: cut at `ratio`, with the last training step and the run folder."""

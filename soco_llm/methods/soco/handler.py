@@ -11,8 +11,8 @@ from ...core.budget import budget_params, check_reachable
 from ...core.phases import Phases
 from ...errors import SocoError
 from ...runtime import world
-from ..base import CalibrationConfig, MethodResult
-from . import run_folder
+from ..base import CalibrationConfig, Interrupted, MethodResult
+from . import run_folder, run_state
 from .blockwise import compress_blockwise
 from .config import SoCoConfig
 from .run_folder import SCORES_FILE
@@ -30,11 +30,17 @@ def compress_soco(model: nn.Module, cfg: SoCoConfig, targets: list[Target], wind
     run_dir, cached = run_folder.prepare(cfg, getattr(model, "name_or_path", None) or None)
     model.eval()
     phases = Phases(next(model.parameters()).device)
-    if cfg.blockwise:
-        with phases("blocks", "lower --batch-size or --seq-len"):
-            rows, final, history = compress_blockwise(model, cfg, windows, targets, run_dir)
-    else:
-        rows, final, history = compress_whole_model(model, cfg, windows, targets, run_dir, cached, phases)
+    try:
+        if cfg.blockwise:
+            with phases("blocks", "lower --batch-size or --seq-len"):
+                rows, final, history = compress_blockwise(model, cfg, windows, targets, run_dir)
+        else:
+            rows, final, history = compress_whole_model(model, cfg, windows, targets, run_dir, cached, phases)
+    except KeyboardInterrupt:
+        if run_dir is None:
+            raise
+        # The training loop has saved its checkpoint by now; say what the folder holds, so --resume is a choice.
+        raise Interrupted(f"run folder {run_dir} keeps {run_state.describe(run_dir, cfg.steps)}") from None
     run_folder.finish(run_dir)
     config = cfg.record(cfg.ratio, history, run_dir)
     config["phases"] = phases.record()

@@ -2,7 +2,8 @@
 (scores, biases, Adam state, step) and the trained scores. Rank 0 writes; every write is atomic.
 
 Batches are a function of (seed, step), so a checkpoint needs no RNG state: resuming from it
-reproduces an uninterrupted run.
+reproduces an uninterrupted run. Reading what a folder holds, and whether it may be used, is
+`run_state.py`'s (it runs before anything is loaded).
 """
 
 from __future__ import annotations
@@ -20,46 +21,36 @@ from ...io.atomic import atomic_save_tensors, atomic_write_json
 from ...runtime import world
 from .basis import flatten, unflatten
 from .config import SoCoConfig
+from .run_state import (BASIS_FILE, CHECKPOINT_FILE, RUN_FILE, SCORES_FILE, TEACHER_FILE, check_run_dir,  # noqa: F401
+                        checkpoint_step, kept_config, read_meta)
 from .spectral import SpectralLinear
 from .teacher import Teacher
 
 log = logging.getLogger(__name__)
-
-SCORES_FILE = "soco_scores.safetensors"
-BASIS_FILE = "basis.safetensors"
-TEACHER_FILE = "teacher.safetensors"
-# Settings that may differ between a run and its resumption.
-RESUMABLE = ("resume", "run_dir", "checkpoint_every")
 
 
 def prepare(cfg: SoCoConfig, model_spec: str | None) -> tuple[Path | None, bool]:
     """(run folder, whether its basis and teacher cache can be reused). Every rank checks; rank 0 writes."""
     if cfg.run_dir is None:
         return None, False
+    check_run_dir(cfg)  # again: the folder may have changed since the CLI's preflight
     run_dir = Path(cfg.run_dir)
-    meta_path = run_dir / "run.json"
-    keep = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if not cfg.resume:
-            raise SocoError(f"run folder {str(run_dir)!r} already holds a run; pass --resume to continue it "
-                            "or choose another --run-dir")
-        if meta["config"] != keep:
-            raise SocoError(f"run folder {str(run_dir)!r} was made with a different config; resume with the same settings")
+    meta = read_meta(run_dir)
+    if meta is not None and meta.get("model") != model_spec:  # may be the same model by another path: warn only
+        log.warning("run folder %s was made from model %r; this run loads %r", run_dir, meta.get("model"), model_spec)
     cached = (run_dir / BASIS_FILE).is_file() and (run_dir / TEACHER_FILE).is_file()
     rank, size = world()
     if size > 1:
         dist.barrier()  # nobody writes before every rank has looked
-    if rank == 0 and not meta_path.is_file():
+    if rank == 0 and meta is None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(meta_path, {"config": keep, "model": model_spec, "status": "running"})
+        atomic_write_json(run_dir / RUN_FILE, {"config": kept_config(cfg), "model": model_spec, "status": "running"})
     return run_dir, cached
 
 
 def finish(run_dir: Path | None) -> None:
     if run_dir is not None and world()[0] == 0:
-        meta = json.loads((run_dir / "run.json").read_text())
-        atomic_write_json(run_dir / "run.json", {**meta, "status": "done"})
+        atomic_write_json(run_dir / RUN_FILE, {**read_meta(run_dir), "status": "done"})
 
 
 def save_tensors(run_dir: Path | None, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -74,8 +65,9 @@ def save_cache(run_dir: Path | None, basis: dict, teacher: Teacher | None) -> No
         save_tensors(run_dir, TEACHER_FILE, teacher.tensors())
 
 
-def load_basis(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return unflatten(load_file(str(run_dir / BASIS_FILE)))
+def load_basis(run_dir: Path, device: torch.device | str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
+    """The cached basis, read onto `device` (the model's: the spectral layers compute where their basis is)."""
+    return unflatten(load_file(str(run_dir / BASIS_FILE), device=str(device)))
 
 
 def load_teacher(run_dir: Path) -> Teacher:
@@ -111,16 +103,17 @@ def save_checkpoint(run_dir: Path, step: int, layers: dict[str, SpectralLinear],
             if key in st:
                 t[f"opt.{i}.{key}"] = torch.as_tensor(st[key]).reshape(-1)
     atomic_save_tensors(run_dir / "checkpoint.safetensors", t)
-    atomic_write_json(run_dir / "checkpoint.json", {"step": step, "history": history})
+    atomic_write_json(run_dir / CHECKPOINT_FILE, {"step": step, "history": history})
 
 
 def has_checkpoint(run_dir: Path | None) -> bool:
-    return run_dir is not None and (run_dir / "checkpoint.json").is_file()
+    return run_dir is not None and (run_dir / CHECKPOINT_FILE).is_file()
 
 
 def load_checkpoint(run_dir: Path, layers: dict[str, SpectralLinear], opt: torch.optim.Optimizer
                     ) -> tuple[int, list[dict]]:
-    meta = json.loads((run_dir / "checkpoint.json").read_text())
+    step = checkpoint_step(run_dir)
+    meta = json.loads((run_dir / CHECKPOINT_FILE).read_text())
     try:
         t = load_file(str(run_dir / "checkpoint.safetensors"))
     except Exception as e:
@@ -132,4 +125,4 @@ def load_checkpoint(run_dir: Path, layers: dict[str, SpectralLinear], opt: torch
             opt.state[p] = {"step": t[f"opt.{i}.step"].reshape(()).clone(),
                             "exp_avg": t[f"opt.{i}.exp_avg"].view_as(p).clone().to(p.device),
                             "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"].view_as(p).clone().to(p.device)}
-    return int(meta["step"]), meta["history"]
+    return step, meta.get("history", [])

@@ -60,8 +60,10 @@ def train_scores(layers: dict[str, SpectralLinear], gate: GateState, batch_loss:
         values = torch.stack([t for _, _, t in pending]).tolist() if pending else []
         for (step, p, _), (kl, size_loss, pol, soft_frac, finite) in zip(pending, values):
             if not finite:
-                raise SocoError(f"the loss became NaN/inf at step {step}; the last good checkpoint is kept"
-                                f"{' in ' + str(run_dir) if run_dir else ''}; lower --lr or resume with --resume")
+                # Resuming repeats the same steps (batches follow the seed), so it would diverge again.
+                raise SocoError(f"the loss became NaN/inf at step {step + 1}; train again with a lower learning rate "
+                                f"(e.g. --set lr_scores={cfg.lr_scores / 10:g}) in a fresh run folder"
+                                f"{' (delete ' + str(run_dir) + ')' if run_dir else ''}")
             history.append({"step": step + 1, "stage": p.stage, "kl": kl, "size": size_loss, "polarize": pol,
                             "soft_ratio": 1 - soft_frac, "target": 1 - p.keep_frac, "temperature": p.temperature})
         pending.clear()
@@ -106,8 +108,7 @@ def train_scores(layers: dict[str, SpectralLinear], gate: GateState, batch_loss:
     except KeyboardInterrupt:
         flush()  # raises instead if a NaN came since the last checkpoint: then that one is the last good state
         if run_dir is not None and rank == 0 and history and history[-1]["step"] > start:
-            save_checkpoint(run_dir, history[-1]["step"], layers, opt, history)
-            log.warning("interrupted: checkpoint at step %d in %s; continue with --resume", history[-1]["step"], run_dir)
+            save_checkpoint(run_dir, history[-1]["step"], layers, opt, history)  # the handler says what it kept
         raise
     finally:
         for q in scores + deltas:

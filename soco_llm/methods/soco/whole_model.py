@@ -31,7 +31,7 @@ def compress_whole_model(model: nn.Module, cfg: SoCoConfig, windows: torch.Tenso
                          run_dir: Path | None, cached: bool, phases: Phases) -> tuple[list[LayerRank], dict, list[dict]]:
     """Train and cut `model` in place: (rows, trained tensors, history)."""
     if cached:
-        teacher, basis = load_teacher(run_dir), load_basis(run_dir)
+        teacher, basis = load_teacher(run_dir), load_basis(run_dir, next(model.parameters()).device)
     else:
         with phases("teacher", "lower --batch-size, --seq-len or --set teacher_topk=N"):
             teacher = teacher_cache(model, windows, cfg.teacher_topk, cfg.batch_size)

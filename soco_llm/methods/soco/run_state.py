@@ -1,0 +1,105 @@
+"""What a SoCo run folder holds, read-only, and whether a command may use it.
+
+run.json records a run's config, model and status ("running" until the cut is saved, then "done");
+checkpoint.json its last saved step; block-*.safetensors the blocks a block-wise run finished.
+`SoCoConfig.preflight` asks before anything is loaded and `run_folder.prepare` asks again as the run
+starts, so a plain rerun after a crash or Ctrl-C is told exactly what to do rather than refused
+blankly, and an interrupted run says what it kept.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...errors import SocoError
+
+RUN_FILE = "run.json"
+CHECKPOINT_FILE = "checkpoint.json"
+SCORES_FILE = "soco_scores.safetensors"
+BASIS_FILE = "basis.safetensors"
+TEACHER_FILE = "teacher.safetensors"
+STATUSES = ("running", "done")
+# Settings that may differ between a run and its resumption.
+RESUMABLE = ("resume", "run_dir", "checkpoint_every")
+
+
+def kept_config(cfg) -> dict:
+    """The settings run.json records: those a resumption must repeat."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
+
+
+def _read_json(path: Path, what: str, run_dir: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SocoError(f"{path} is not valid JSON ({str(e).splitlines()[0]}): the {what} is damaged; delete the run "
+                        f"folder (rm -r {run_dir}) to start over") from None
+
+
+def read_meta(run_dir: str | Path) -> dict | None:
+    """run.json of a run folder (None when there is none), checked to be a run record."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    meta = _read_json(path, "run record", run_dir)
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or meta.get("status") not in STATUSES:
+        raise SocoError(f"{path} is not a SoCo run record (it needs a 'config' object and a status of "
+                        f"{' or '.join(STATUSES)}); delete the run folder (rm -r {run_dir}) to start over")
+    return meta
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the last checkpoint, None without one."""
+    path = run_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    meta = _read_json(path, "checkpoint", run_dir)
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise SocoError(f"{path} holds no valid step; delete the run folder (rm -r {run_dir}) to start over")
+    return step
+
+
+def describe(run_dir: Path, steps: int | None = None) -> str:
+    """What an unfinished run kept, as the tail of a sentence: 'the checkpoint at step 108 of 160'."""
+    step = checkpoint_step(run_dir)
+    if step is not None:
+        return f"the checkpoint at step {step}" + (f" of {steps}" if steps else "")
+    blocks = len(list(run_dir.glob("block-*.safetensors")))
+    if blocks:
+        return f"{blocks} finished block{'s' if blocks > 1 else ''}"
+    if (run_dir / BASIS_FILE).is_file() and (run_dir / TEACHER_FILE).is_file():
+        return "its cached basis and teacher (no training step yet)"
+    return "no training yet"
+
+
+def check_run_dir(cfg) -> None:
+    """Raise, saying what to do, when `cfg`'s run folder cannot be used as asked (fresh, or --resume)."""
+    if cfg.run_dir is None:
+        return
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SocoError(f"run folder {str(run_dir)!r} is a file; choose another --run-dir")
+    meta = read_meta(run_dir)
+    if meta is None:
+        # Our own leftovers (hidden temp files of a killed write) are no reason to refuse; a user's files are.
+        if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
+            raise SocoError(f"{str(run_dir)!r} exists and is not a SoCo run folder (no {RUN_FILE}); choose another "
+                            "--run-dir or empty it")
+        return
+    if cfg.resume:
+        keep, made = kept_config(cfg), meta["config"]
+        differ = sorted(k for k in set(keep) | set(made) if keep.get(k) != made.get(k))
+        if differ:
+            shown = ", ".join(f"{k}={made.get(k)!r} (now {keep.get(k)!r})" for k in differ)
+            raise SocoError(f"run folder {str(run_dir)!r} was made with other settings: {shown}; resume with the "
+                            "settings it was made with, or choose another --run-dir")
+        return
+    if meta["status"] == "done":
+        raise SocoError(f"run folder {str(run_dir)!r} already holds a finished run; pass --resume to save its result "
+                        f"again, cut it at another ratio with `soco export --from {run_dir} --ratio R --out DIR`, "
+                        "or choose another --run-dir")
+    raise SocoError(f"run folder {str(run_dir)!r} holds an unfinished run that kept {describe(run_dir, cfg.steps)}; "
+                    f"pass --resume to continue it, or delete the folder (rm -r {run_dir}) to start over")
