@@ -4,7 +4,7 @@ import pytest
 
 from soco_llm import compress, config_for
 from soco_llm.core.budget import LayerRank, achieved_ratio, layer_params, max_useful_rank, settle_rank, uniform_rank
-from tiny import tiny_model
+from tiny import random_windows, tiny_model
 
 
 def test_uniform_rank_rule():
@@ -52,3 +52,16 @@ def test_uniform_rank_rounds_down_to_a_multiple_and_never_exceeds_the_share():
     for m, n, ratio, q in [(576, 1536, 0.4, 8), (192, 576, 0.2, 16), (1536, 576, 0.6, 64)]:
         r = uniform_rank(m, n, ratio, q)
         assert r % q == 0 and r * (m + n) <= m * n * (1 - ratio)
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "soco"])
+def test_rank_multiple_rounds_every_rank_and_keeps_the_budget(method):
+    q = 8
+    settings = dict(steps=4, batch_size=4, rank_multiple=q) if method == "soco" else dict(rank_multiple=q)
+    model = tiny_model("llama")
+    report = compress(model, config_for(method, ratio=0.4, **settings), random_windows(8, 32))
+    ranks = [r["rank"] for r in report.layers if r["rank"]]
+    assert ranks and all(r % q == 0 for r in ranks)
+    assert report.achieved_ratio >= 0.4  # rounding never spends more than the budget
+    assert report.achieved_ratio == pytest.approx(1 - sum(r["params"] for r in report.layers)
+                                                  / sum(r["dense_params"] for r in report.layers))

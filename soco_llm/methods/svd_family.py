@@ -118,7 +118,7 @@ def compress_uniform(model: nn.Module, config: CompressionConfig, targets: list[
 @torch.no_grad()
 def _factorize(model: nn.Module, config: CompressionConfig, target: Target, stats: LayerStats) -> int:
     m, n = target.shape
-    rank = settle_rank(m, n, uniform_rank(m, n, config.ratio))
+    rank = settle_rank(m, n, uniform_rank(m, n, config.ratio, config.rank_multiple))
     if rank == 0:
         return 0  # a factored layer would not be smaller: stays dense
     if not hasattr(config, "decompose"):

@@ -67,7 +67,7 @@ def compress_blockwise(model: nn.Module, cfg: SoCoConfig, windows: torch.Tensor,
             history.extend({**h, "block": i} for h in hist)
             save_tensors(run_dir, done, trained_tensors(layers))
         final.update(trained_tensors(layers))
-        rows.extend(cut(model, layers, cfg.ratio, cfg.deviation))
+        rows.extend(cut(model, layers, cfg.ratio, cfg.deviation, cfg.rank_multiple))
 
     runner.run(on_block, {"xtx"} if cfg.basis == "whitened" else set(), sequential=True, desc="soco blocks")
     if not rows:

@@ -14,11 +14,12 @@ from .spectral import SpectralLinear
 
 
 @torch.no_grad()
-def kept_components(layers: dict[str, SpectralLinear], ratio: float, added_bias: bool) -> dict[str, torch.Tensor]:
+def kept_components(layers: dict[str, SpectralLinear], ratio: float, added_bias: bool,
+                    multiple: int = 1) -> dict[str, torch.Tensor]:
     """The global cut by learned importance at the exact parameter budget of `ratio`: a keep-mask per layer."""
     shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
     budget = budget_params(sum(m * n for m, n in shapes.values()), ratio)
-    return global_cut({n: l.importance() for n, l in layers.items()}, shapes, budget, added_bias)
+    return global_cut({n: l.importance() for n, l in layers.items()}, shapes, budget, added_bias, multiple)
 
 
 @torch.no_grad()
@@ -28,9 +29,10 @@ def set_masks(layers: dict[str, SpectralLinear], kept: dict[str, torch.Tensor]) 
 
 
 @torch.no_grad()
-def cut(model: nn.Module, layers: dict[str, SpectralLinear], ratio: float, added_bias: bool) -> list[LayerRank]:
+def cut(model: nn.Module, layers: dict[str, SpectralLinear], ratio: float, added_bias: bool,
+        multiple: int = 1) -> list[LayerRank]:
     """Global cut by learned importance to the exact budget; fold √(σ·s) and d; swap in LowRankLinear."""
-    kept = kept_components(layers, ratio, added_bias)
+    kept = kept_components(layers, ratio, added_bias, multiple)
     rows = []
     for name, l in layers.items():
         idx = torch.nonzero(kept[name]).squeeze(1)  # ascending, as the factors keep σ's order

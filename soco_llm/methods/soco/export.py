@@ -57,7 +57,7 @@ def export_from_run(run_dir: str | os.PathLike, ratio: float, dtype=None, device
     layers = install_spectral(model, targets, load_basis(run_dir, next(model.parameters()).device), GateState())
     scores = load_file(str(run_dir / SCORES_FILE))
     restore_trained(layers, scores)
-    rows = cut(model, layers, ratio, cfg.deviation)
+    rows = cut(model, layers, ratio, cfg.deviation, cfg.rank_multiple)
     config = cfg.record(ratio, run_dir=run_dir)
     config["trained_ratio"] = cfg.ratio
     report = CompressionReport.of("soco", ratio, rows, before, model, time.perf_counter() - start, config)

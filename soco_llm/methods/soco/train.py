@@ -79,7 +79,8 @@ def train_scores(layers: dict[str, SpectralLinear], gate: GateState, batch_loss:
             gate.log_theta = size.solve_threshold(p.keep_frac * size.dense, p.temperature)
             gate.hard = cfg.straight_through == "all" or (cfg.straight_through == "stage3" and p.stage == 3)
             if gate.hard:  # train the very model a cut at this budget would save (at the target: the final one)
-                set_masks(layers, kept_components(layers, 1.0 - p.keep_frac, cfg.deviation))
+                set_masks(layers, kept_components(layers, 1.0 - p.keep_frac, cfg.deviation,
+                                                    cfg.rank_multiple))
             # Each step's batch comes from a generator seeded by (seed, step): resuming needs only the step.
             kl = batch_loss(torch.Generator().manual_seed(cfg.seed * 1_000_003 + step), rank, size_world)
             soft_frac = size.soft() / size.dense

@@ -45,7 +45,7 @@ def compress_whole_model(model: nn.Module, cfg: SoCoConfig, windows: torch.Tenso
         history = train(model, layers, gate, windows, teacher, cfg, run_dir)
     with phases("cut", "train block-wise (--set blockwise=true)"):
         final = trained_tensors(layers)
-        rows = cut(model, layers, cfg.ratio, cfg.deviation)
+        rows = cut(model, layers, cfg.ratio, cfg.deviation, cfg.rank_multiple)
     save_tensors(run_dir, SCORES_FILE, final)
     return rows, final, history
 
