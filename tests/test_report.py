@@ -207,3 +207,8 @@ def test_compare_methods_resume_appends_new_rows_after_finished_ones():
     assert [(o, s.label, r) for o, s, r in todo] == [(6, "soco", 0.2), (8, "soco-plain", 0.2), (9, "soco-plain", 0.4)]
     assert finished["soco@0.4"]["order"] == 5  # a finished row keeps its place
     assert [o for o, _, _ in cm.rows_to_run({}, specs[:1], [0.4])] == [0]
+
+
+def test_committed_results_page_is_up_to_date():
+    """docs/RESULTS.md is what report.py makes of the committed results (run it after adding results)."""
+    assert report.main(["--check"]) == 0
