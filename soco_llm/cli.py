@@ -11,6 +11,7 @@ import sys
 
 from .checks import at_least, option_type
 from .commands import COMMANDS
+from .heal import HealConfig
 from .errors import SocoError
 from .eval.perplexity import EVAL_RULES
 from .methods import METHODS, ASVDConfig, CalibrationConfig, CompressionConfig, Interrupted
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=list(DTYPES))
     _add_device_arg(c)
     c.add_argument("--no-eval", dest="eval", action="store_false", help="skip dense/compressed perplexity")
+    heal_rules = HealConfig.rules
+    c.add_argument("--heal-steps", type=option_type(int, heal_rules["steps"]), default=0,
+                   help="after the cut, train the kept factors this many steps by KL to the dense model (0: off); "
+                        "checkpoints in OUT.heal")
+    c.add_argument("--heal-lr", type=option_type(float, heal_rules["lr"]), default=HealConfig.lr)
+    c.add_argument("--heal-batch-size", type=option_type(int, heal_rules["batch_size"]), default=HealConfig.batch_size)
     c.add_argument("--baseline", default=None, metavar="METHOD",
                    help="also compress a fresh copy of the dense model with METHOD (its default calibration: "
                         "32x512 tokens of --calib) and print its perplexity beside the main method's")

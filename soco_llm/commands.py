@@ -16,12 +16,14 @@ from pathlib import Path
 from .compress import compress
 from .data import calibration_windows, check_source
 from .errors import SocoError
+from .core.teacher import teacher_cache
 from .eval.generate import generate
+from .heal import HealConfig, heal, heal_record
 from .eval.perplexity import evaluate_perplexity
 from .eval.zeroshot import check_options, evaluate_tasks, format_results, task_manager
 from .info import print_info
 from .io import atomic, check_folder, export_dense, save_compressed
-from .methods import METHODS, config_for, export_from_run
+from .methods import METHODS, SoCoConfig, config_for, export_from_run
 from .methods.soco import run_config
 from .models import load_model
 from .runtime import init_distributed, is_main_process, resolve_device
@@ -107,6 +109,8 @@ def _check_eval_data(args) -> None:
         check_source(args.eval_data, "--eval-data")
 
 
+HEAL_WINDOWS = SoCoConfig()  # the windows and teacher top-k healing uses for every method: SoCo's defaults
+
 def cmd_compress(args) -> None:
     """Every input is checked first (options, config, run folder, text files, output folder); only then is the
     model loaded."""
@@ -122,6 +126,9 @@ def cmd_compress(args) -> None:
         raise SocoError("--baseline compares perplexities; drop --no-eval")
     _check_eval_data(args)
     check_out(args.out, args.overwrite, args.model, getattr(config, "run_dir", None))
+    heal_cfg = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch_size, seed=args.seed,
+                          run_dir=str(Path(args.out).with_name(Path(args.out).name + ".heal")))
+    heal_cfg.validate()  # its numbers were checked as options; this checks the rest
     init_distributed(device)  # under torchrun / accelerate launch; a no-op otherwise
     main_process = is_main_process()
     model, tok = load_model(args.model, args.dtype, device)
@@ -131,7 +138,14 @@ def cmd_compress(args) -> None:
         rows.append((baseline.method, _run_baseline(copy.deepcopy(model), tok, baseline, args)))
     windows = (calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
                if config.needs else None)  # a data-free method reads no text
+    if heal_cfg.steps:
+        # Every method heals on the same tokens against the same teacher (SoCo's default training windows),
+        # cached from the dense model before the cut, so SVD-LLM + healing is a fair baseline.
+        heal_windows = calibration_windows(tok, calib.source, HEAL_WINDOWS.num_samples, HEAL_WINDOWS.seq_len, args.seed)
+        teacher = teacher_cache(model, heal_windows, HEAL_WINDOWS.teacher_topk, heal_cfg.batch_size)
     report = compress(model, config, windows, calib)
+    if heal_cfg.steps:
+        report.config["heal"] = heal_record(heal_cfg, heal(model, teacher, heal_windows, heal_cfg))
     if not main_process:
         return
     report.config["calibration"] = vars(calib)

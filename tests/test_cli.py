@@ -9,6 +9,7 @@ import torch
 
 from soco_llm import save_dense
 from soco_llm.cli import main
+import clirun
 from tiny import tiny_model, tiny_tokenizer
 
 
@@ -177,3 +178,19 @@ def test_baseline_printed_side_by_side(capsys, model_dir, text_file, tmp_path):
     assert code == 0, err
     last = stdout.strip().splitlines()[-1]
     assert "dense:" in last and "svd:" in last and "svd-llm:" in last
+
+
+def test_compress_with_healing_keeps_the_ranks(capsys, model_dir, text_file, tmp_path):
+    code, _, err = run(capsys, *compress_args(model_dir, text_file, tmp_path / "plain", "--no-eval"))
+    assert code == 0, err
+    code, _, err = run(capsys, *compress_args(model_dir, text_file, tmp_path / "healed", "--no-eval",
+                                              "--heal-steps", "3", "--heal-lr", "1e-3"))
+    assert code == 0, err
+    plain = json.loads((tmp_path / "plain" / "config.json").read_text())["compression"]
+    healed = json.loads((tmp_path / "healed" / "config.json").read_text())["compression"]
+    assert healed["ranks"] == plain["ranks"] and healed["achieved_ratio"] == plain["achieved_ratio"]
+    assert healed["config"]["heal"]["steps"] == 3 and healed["config"]["heal"]["final_kl"] is not None
+    assert (tmp_path / "healed.heal" / "heal_checkpoint.json").is_file()
+    code, _, err = clirun.run(capsys, *compress_args(model_dir, text_file, tmp_path / "x", "--heal-steps", "-1"))
+    clirun.assert_one_line_error(code, err, "--heal-steps")
+    assert not (tmp_path / "x").exists()

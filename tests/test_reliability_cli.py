@@ -208,7 +208,7 @@ def _interrupt_at(monkeypatch, module, name, call):
 
 def test_ctrl_c_in_training_says_what_was_kept_and_how_to_continue(capsys, monkeypatch, model_dir, text_file,
                                                                    tmp_path):
-    import soco_llm.methods.soco.teacher as teacher
+    import soco_llm.core.teacher as teacher
 
     argv = [str(a) for a in _soco(model_dir, text_file, tmp_path / "s")]
     real = _interrupt_at(monkeypatch, teacher, "kl_to_teacher", 4)  # during step 4: steps 1-3 are done
@@ -266,7 +266,7 @@ def test_rerun_of_a_finished_run_and_resume_with_other_settings(capsys, model_di
 
 
 def test_nan_loss_message_gives_advice_that_works(tmp_path, monkeypatch):
-    import soco_llm.methods.soco.teacher as teacher
+    import soco_llm.core.teacher as teacher
 
     real = teacher.kl_to_teacher
     monkeypatch.setattr(teacher, "kl_to_teacher", lambda *a: real(*a) * float("nan"))

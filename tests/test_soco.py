@@ -13,7 +13,7 @@ from soco_llm.methods.soco.basis import decompose_targets
 from soco_llm.methods.soco.cut import cut, kept_components, set_masks
 from soco_llm.methods.soco.schedule import SizeModel
 from soco_llm.methods.soco.spectral import GateState, install_spectral
-from soco_llm.methods.soco.teacher import kl_to_teacher, teacher_cache
+from soco_llm.core.teacher import kl_to_teacher, teacher_cache
 from soco_llm.methods.soco.whole_model import train
 from tiny import random_windows, tiny_model
 
@@ -133,7 +133,7 @@ def _run(tmp_path, name, **kw):
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import soco_llm.methods.soco.teacher as soco
+    import soco_llm.core.teacher as soco
 
     full = _run(tmp_path, "full")
     real = soco.kl_to_teacher
@@ -160,7 +160,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    import soco_llm.methods.soco.teacher as soco
+    import soco_llm.core.teacher as soco
 
     real = soco.kl_to_teacher
     calls = {"n": 0}

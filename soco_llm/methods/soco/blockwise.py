@@ -28,7 +28,7 @@ from .config import SoCoConfig
 from .cut import cut
 from .run_folder import SCORES_FILE, restore_trained, save_tensors, trained_tensors
 from .spectral import GateState, install_spectral
-from .teacher import BatchLoss
+from ...core.teacher import BatchLoss
 from .train import freeze, train_scores
 
 

@@ -24,7 +24,7 @@ from .config import SoCoConfig
 from .run_state import (BASIS_FILE, CHECKPOINT_FILE, RUN_FILE, SCORES_FILE, TEACHER_FILE, check_run_dir,  # noqa: F401
                         checkpoint_step, kept_config, read_meta)
 from .spectral import SpectralLinear
-from .teacher import Teacher
+from ...core.teacher import Teacher
 
 log = logging.getLogger(__name__)
 

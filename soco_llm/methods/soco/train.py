@@ -19,7 +19,7 @@ from .cut import kept_components, set_masks
 from .run_folder import has_checkpoint, load_checkpoint, save_checkpoint
 from .schedule import SizeModel, StepPlan, plan
 from .spectral import GateState, SpectralLinear
-from .teacher import BatchLoss
+from ...core.teacher import BatchLoss
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from .config import SoCoConfig
 from .cut import cut
 from .run_folder import SCORES_FILE, load_basis, load_teacher, save_cache, save_tensors, trained_tensors
 from .spectral import GateState, SpectralLinear, install_spectral
-from .teacher import Teacher, kl_batch_loss, teacher_cache
+from ...core.teacher import Teacher, kl_batch_loss, teacher_cache
 from .train import freeze, train_scores
 
 

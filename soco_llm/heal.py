@@ -1,0 +1,157 @@
+"""Healing after the cut: the kept factors (A, B and bias of every LowRankLinear) trained by KL to the dense
+model's cached teacher, for any method's compressed model. The ranks, and so the size and the ratio, do
+not change: only the values of the factors the cut kept.
+
+It trains the factors directly rather than a low-rank adapter merged back at the end: an adapter on
+A and B would add parameters to train and a merge, for the same compressed shapes; not yet compared
+by measurement. Checkpointed and resumable like SoCo's training: each step's batch comes from a
+generator seeded by (seed, step), so a resumed run ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checks import SEED, Rule, above, at_least, check_fields
+from .core.layer import LowRankLinear
+from .core.teacher import Teacher, kl_batch_loss
+from .errors import SocoError
+from .io.atomic import atomic_save_tensors, atomic_write_json
+from .runtime import world
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "heal_checkpoint.safetensors"
+CHECKPOINT_META = "heal_checkpoint.json"
+_STREAM = 500_009  # healing draws its own batches, apart from SoCo's training stream of the same seed
+
+
+@dataclass
+class HealConfig:
+    """Healing's settings. `steps` 0 means off."""
+
+    rules: ClassVar[dict[str, Rule]] = {"steps": at_least(0, note="0: off"), "lr": above(0),
+                                        "batch_size": at_least(1), "checkpoint_every": at_least(1), "seed": SEED}
+
+    steps: int = 0
+    lr: float = 1e-4
+    batch_size: int = 4
+    seed: int = 0
+    checkpoint_every: int = 20
+    run_dir: str | None = None  # checkpoints; None = none
+    resume: bool = False
+
+    def validate(self) -> None:
+        check_fields(self, "heal setting ")
+
+
+def factor_layers(model: nn.Module) -> dict[str, LowRankLinear]:
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    if not layers:
+        raise SocoError("healing needs a compressed model (LowRankLinear layers); compress it first")
+    return layers
+
+
+def _params(layers: dict[str, LowRankLinear]) -> dict[str, nn.Parameter]:
+    return {f"{name}.{k}": p for name, m in layers.items() for k, p in (("A", m.A), ("B", m.B), ("bias", m.bias))
+            if p is not None}
+
+
+def _save(run_dir: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
+          history: list[dict]) -> None:
+    tensors = {k: p.detach() for k, p in params.items()}
+    for i, p in enumerate(params.values()):
+        for key, value in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).reshape(-1) if key == "step" else value
+    atomic_save_tensors(run_dir / CHECKPOINT, tensors)
+    atomic_write_json(run_dir / CHECKPOINT_META, {"step": step, "history": history})
+
+
+@torch.no_grad()
+def _load(run_dir: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    try:
+        meta = json.loads((run_dir / CHECKPOINT_META).read_text())
+        t = load_file(str(run_dir / CHECKPOINT))
+    except Exception as e:  # a damaged checkpoint: say which and what to do
+        raise SocoError(f"the healing checkpoint in {run_dir} is damaged ({str(e).splitlines()[0]}); delete "
+                        f"{CHECKPOINT} and {CHECKPOINT_META} to heal from the start") from e
+    for i, (k, p) in enumerate(params.items()):
+        if k not in t or t[k].shape != p.shape:
+            raise SocoError(f"the healing checkpoint in {run_dir} is for another model ({k}); delete it or choose "
+                            "another run folder")
+        p.copy_(t[k])
+        if f"opt.{i}.exp_avg" in t:
+            opt.state[p] = {"step": t[f"opt.{i}.step"].reshape(()).clone(),
+                            "exp_avg": t[f"opt.{i}.exp_avg"].to(p.device).clone(),
+                            "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"].to(p.device).clone()}
+    return int(meta["step"]), meta["history"]
+
+
+def heal(model: nn.Module, teacher: Teacher, windows: torch.Tensor, cfg: HealConfig) -> list[dict]:
+    """Train the factors of `model`'s LowRankLinear layers in place; returns the per-step KL history."""
+    cfg.validate()
+    if cfg.steps == 0:
+        return []
+    layers = factor_layers(model)
+    rank, size = world()
+    if cfg.batch_size % size:
+        raise SocoError(f"heal batch_size {cfg.batch_size} must be divisible by the number of processes ({size})")
+    model.eval()  # deterministic passes: the student must match the teacher's
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = _params(layers)
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+    start, history = 0, []
+    if cfg.resume and run_dir is not None and (run_dir / CHECKPOINT_META).is_file():
+        start, history = _load(run_dir, params, opt)
+        log.info("healing resumed from step %d in %s", start, run_dir)
+    batch_loss = kl_batch_loss(model, windows, teacher, cfg.batch_size)
+    pending: list[tuple[int, torch.Tensor]] = []  # KL per step, read once per checkpoint (no sync per step)
+    bar = tqdm(range(start, cfg.steps), desc="heal", initial=start, total=cfg.steps, disable=rank != 0)
+    try:
+        for step in bar:
+            kl = batch_loss(torch.Generator().manual_seed(cfg.seed * 1_000_003 + _STREAM + step), rank, size)
+            opt.zero_grad(set_to_none=True)
+            kl.backward()
+            if size > 1:
+                for p in params.values():
+                    dist.all_reduce(p.grad)
+                    p.grad /= size
+            opt.step()
+            pending.append((step, kl.detach().float()))
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                values = torch.stack([v for _, v in pending]).tolist()
+                for (s, _), v in zip(pending, values):
+                    if v != v or v in (float("inf"), float("-inf")):
+                        raise SocoError(f"the healing loss became NaN/inf at step {s + 1}; heal again with a lower "
+                                        f"learning rate (e.g. --heal-lr {cfg.lr / 10:g})"
+                                        + (f"; the checkpoint in {run_dir} is the last good state" if run_dir else ""))
+                    history.append({"step": s + 1, "kl": v})
+                pending.clear()
+                bar.set_postfix(kl=f"{history[-1]['kl']:.3f}")
+                if run_dir is not None and rank == 0:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    _save(run_dir, step + 1, params, opt, history)
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+    return history
+
+
+def heal_record(cfg: HealConfig, history: list[dict]) -> dict:
+    """What a report keeps of a healing run."""
+    return {**asdict(cfg), "final_kl": history[-1]["kl"] if history else None,
+            "first_kl": history[0]["kl"] if history else None}

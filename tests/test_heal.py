@@ -1,0 +1,88 @@
+"""Healing after the cut on tiny models: it lowers the KL, keeps ranks and ratio, resumes exactly, saves and loads."""
+
+import pytest
+import torch
+
+import soco_llm
+import soco_llm.core.teacher as teacher_module
+from soco_llm.core.layer import LowRankLinear
+from soco_llm.core.teacher import kl_to_teacher, teacher_cache
+from soco_llm.heal import HealConfig, heal
+from tiny import random_windows, tiny_model, tiny_tokenizer
+
+
+def _compressed(ratio=0.6):
+    model = tiny_model("llama")
+    windows = random_windows(16, 32)
+    teacher = teacher_cache(model, windows, 32, 4)  # from the dense model, before the cut
+    report = soco_llm.compress(model, soco_llm.SVDLLMConfig(ratio=ratio), windows)
+    return model, windows, teacher, report
+
+
+def _kl(model, windows, teacher):
+    with torch.no_grad():
+        return float(kl_to_teacher(model(input_ids=windows).logits, teacher.top_logp, teacher.top_idx,
+                                   teacher.rest_logp))
+
+
+def test_healing_lowers_the_kl_and_keeps_ranks_and_ratio():
+    model, windows, teacher, report = _compressed()
+    shapes = {n: (m.A.shape, m.B.shape) for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    before = _kl(model, windows, teacher)
+    history = heal(model, teacher, windows, HealConfig(steps=30, lr=3e-3, batch_size=4))
+    assert len(history) == 30
+    assert _kl(model, windows, teacher) < 0.8 * before
+    assert {n: (m.A.shape, m.B.shape) for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == shapes
+    assert {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == \
+        {n: r for n, r in report.ranks.items() if r}
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_interrupted_healing_resumes_to_the_same_factors(tmp_path, monkeypatch):
+    def run(name, interrupt_at=None, resume=False):
+        model, windows, teacher, _ = _compressed()
+        cfg = HealConfig(steps=8, lr=3e-3, checkpoint_every=2, run_dir=str(tmp_path / name), resume=resume)
+        if interrupt_at is not None:
+            real, calls = teacher_module.kl_to_teacher, {"n": 0}
+
+            def interrupting(*a):
+                calls["n"] += 1
+                if calls["n"] == interrupt_at:
+                    raise KeyboardInterrupt
+                return real(*a)
+
+            monkeypatch.setattr(teacher_module, "kl_to_teacher", interrupting)
+        try:
+            heal(model, teacher, windows, cfg)
+        finally:
+            monkeypatch.undo()
+        return model
+
+    full = run("full")
+    with pytest.raises(KeyboardInterrupt):
+        run("cut", interrupt_at=6)  # the checkpoint after step 4 is kept
+    resumed = run("cut", resume=True)
+    x = random_windows(2, 16)
+    torch.testing.assert_close(resumed(input_ids=x).logits, full(input_ids=x).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_healed_model_saves_and_loads_with_identical_logits(tmp_path):
+    model, windows, teacher, report = _compressed(0.4)
+    heal(model, teacher, windows, HealConfig(steps=4, lr=3e-3))
+    out = soco_llm.save_compressed(model, tiny_tokenizer(), tmp_path / "healed", report)
+    loaded = soco_llm.load(out)
+    x = random_windows(2, 16)
+    torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(steps=2.5), "steps")])
+def test_bad_heal_settings_are_one_clear_error(kw, match):
+    with pytest.raises(soco_llm.SocoError, match=match):
+        HealConfig(**kw).validate()
+
+
+def test_healing_an_uncompressed_model_is_a_clear_error():
+    model = tiny_model("llama")
+    windows = random_windows(4, 32)
+    with pytest.raises(soco_llm.SocoError, match="compress it first"):
+        heal(model, teacher_cache(model, windows, 8, 4), windows, HealConfig(steps=2))
