@@ -19,6 +19,7 @@ from .errors import SocoError
 from .core.teacher import teacher_cache
 from .eval.generate import generate
 from .heal import HealConfig, heal, heal_record
+from .methods.soco.run_folder import load_teacher
 from .eval.perplexity import evaluate_perplexity
 from .eval.zeroshot import check_options, evaluate_tasks, format_results, task_manager
 from .info import print_info
@@ -111,6 +112,14 @@ def _check_eval_data(args) -> None:
 
 HEAL_WINDOWS = SoCoConfig()  # the windows and teacher top-k healing uses for every method: SoCo's defaults
 
+
+def _soco_caches_heal_teacher(config, seed: int) -> bool:
+    """Whether `config` is a whole-model SoCo run whose cached teacher is the one healing wants."""
+    if not isinstance(config, SoCoConfig) or config.blockwise or not config.run_dir:
+        return False
+    wanted = (HEAL_WINDOWS.num_samples, HEAL_WINDOWS.seq_len, seed, HEAL_WINDOWS.teacher_topk)
+    return (config.num_samples, config.seq_len, config.seed, config.teacher_topk) == wanted
+
 def cmd_compress(args) -> None:
     """Every input is checked first (options, config, run folder, text files, output folder); only then is the
     model loaded."""
@@ -138,12 +147,16 @@ def cmd_compress(args) -> None:
         rows.append((baseline.method, _run_baseline(copy.deepcopy(model), tok, baseline, args)))
     windows = (calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
                if config.needs else None)  # a data-free method reads no text
-    if heal_cfg.steps:
-        # Every method heals on the same tokens against the same teacher (SoCo's default training windows),
-        # cached from the dense model before the cut, so SVD-LLM + healing is a fair baseline.
+    # Every method heals on the same tokens against the same teacher (SoCo's default training windows),
+    # cached from the dense model before the cut, so SVD-LLM + healing is a fair baseline. A whole-model SoCo
+    # run on those very windows caches that teacher in its run folder already: read it, do not recompute it.
+    reuse = heal_cfg.steps and _soco_caches_heal_teacher(config, args.seed)
+    if heal_cfg.steps and not reuse:
         heal_windows = calibration_windows(tok, calib.source, HEAL_WINDOWS.num_samples, HEAL_WINDOWS.seq_len, args.seed)
         teacher = teacher_cache(model, heal_windows, HEAL_WINDOWS.teacher_topk, heal_cfg.batch_size)
     report = compress(model, config, windows, calib)
+    if reuse:
+        heal_windows, teacher = windows, load_teacher(Path(config.run_dir))
     if heal_cfg.steps:
         report.config["heal"] = heal_record(heal_cfg, heal(model, teacher, heal_windows, heal_cfg))
     if not main_process:

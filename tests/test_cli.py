@@ -194,3 +194,25 @@ def test_compress_with_healing_keeps_the_ranks(capsys, model_dir, text_file, tmp
     code, _, err = clirun.run(capsys, *compress_args(model_dir, text_file, tmp_path / "x", "--heal-steps", "-1"))
     clirun.assert_one_line_error(code, err, "--heal-steps")
     assert not (tmp_path / "x").exists()
+
+
+def test_soco_with_healing_reads_its_own_cached_teacher(capsys, model_dir, text_file, tmp_path, monkeypatch):
+    import soco_llm.commands as commands
+    import soco_llm.methods.soco.whole_model as whole_model
+
+    calls = {"n": 0}
+    real = whole_model.teacher_cache
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(whole_model, "teacher_cache", counting)
+    monkeypatch.setattr(commands, "teacher_cache", counting)
+    code, _, err = clirun.run(capsys, "compress", "--method", "soco", "--ratio", "0.4", "--model", model_dir,
+                              "--out", tmp_path / "s", "--calib", text_file, "--set", "steps=4", "--no-eval",
+                              "--heal-steps", "2")
+    assert code == 0, err
+    assert calls["n"] == 1  # SoCo's own teacher, on the very windows healing uses, is read back, not recomputed
+    heal = json.loads((tmp_path / "s" / "config.json").read_text())["compression"]["config"]["heal"]
+    assert heal["steps"] == 2 and heal["final_kl"] is not None
