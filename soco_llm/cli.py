@@ -35,9 +35,19 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
                    "(default auto)")
 
 
+def _add_heal_args(p: argparse.ArgumentParser) -> None:
+    rules = HealConfig.rules
+    p.add_argument("--heal-steps", type=option_type(int, rules["steps"]), default=0,
+                   help="after the cut, train the kept factors this many steps by KL to the dense model (0: off); "
+                        "checkpoints in OUT.heal, continued with --resume")
+    p.add_argument("--heal-lr", type=option_type(float, rules["lr"]), default=HealConfig.lr)
+    p.add_argument("--heal-batch-size", type=option_type(int, rules["batch_size"]), default=HealConfig.batch_size)
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval-data", default="bundled",
-                   help="held-out text: bundled (BoolQ dev passages), wikitext2, c4, ptb, or a text file")
+    p.add_argument("--eval-data", nargs="+", default=["bundled"], metavar="SOURCE",
+                   help="held-out text, one or more: bundled (BoolQ dev passages), pubmed (PubMedQA abstracts), "
+                        "wikitext2, c4, ptb, or a text file (default bundled)")
     p.add_argument("--eval-windows", type=option_type(int, EVAL_RULES["max_windows"]), default=24,
                    help="number of windows to score; 0 = all (default 24)")
     p.add_argument("--eval-seq-len", type=option_type(int, EVAL_RULES["seq_len"]), default=512,
@@ -65,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help="model folder, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
     c.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--calib", default="bundled", help="calibration text: bundled, wikitext2, c4, ptb, or a text file")
+    c.add_argument("--calib", default="bundled", help="calibration text: bundled, pubmed, wikitext2, c4, ptb, or a text file")
     c.add_argument("--samples", type=_calib["num_samples"], default=None,
                    help="calibration windows (default 32; soco: 256)")
     c.add_argument("--seq-len", type=_calib["seq_len"], default=None,
@@ -89,12 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=list(DTYPES))
     _add_device_arg(c)
     c.add_argument("--no-eval", dest="eval", action="store_false", help="skip dense/compressed perplexity")
-    heal_rules = HealConfig.rules
-    c.add_argument("--heal-steps", type=option_type(int, heal_rules["steps"]), default=0,
-                   help="after the cut, train the kept factors this many steps by KL to the dense model (0: off); "
-                        "checkpoints in OUT.heal")
-    c.add_argument("--heal-lr", type=option_type(float, heal_rules["lr"]), default=HealConfig.lr)
-    c.add_argument("--heal-batch-size", type=option_type(int, heal_rules["batch_size"]), default=HealConfig.batch_size)
+    _add_heal_args(c)
     c.add_argument("--baseline", default=None, metavar="METHOD",
                    help="also compress a fresh copy of the dense model with METHOD (its default calibration: "
                         "32x512 tokens of --calib) and print its perplexity beside the main method's")
@@ -111,12 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("folder")
     i.add_argument("--json", action="store_true", help="print the compression section as JSON")
 
-    r = sub.add_parser("export", help="cut a finished SoCo run at another ratio, without retraining")
+    r = sub.add_parser("export", help="cut a finished SoCo run at another ratio, without retraining (and heal it, "
+                       "with --heal-steps, on the run's own windows and cached teacher)")
     r.add_argument("--from", dest="run", required=True, help="the SoCo run folder (OUT.run of `soco compress`)")
     r.add_argument("--ratio", required=True, type=_ratio)
     r.add_argument("--out", required=True)
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--no-eval", dest="eval", action="store_false")
+    _add_heal_args(r)
+    r.add_argument("--resume", action="store_true", help="with --heal-steps: continue the healing in OUT.heal")
     _add_device_arg(r)
     _add_eval_args(r)
 

@@ -18,23 +18,16 @@ from .data import calibration_windows, check_source
 from .errors import SocoError
 from .core.teacher import teacher_cache
 from .eval.generate import generate
-from .heal import HealConfig, heal, heal_record
+from .command_stages import (HEAL_WINDOWS, check_eval_data, eval_record, evaluate, heal_config, heal_stage,
+                             run_teacher, soco_caches_heal_teacher)
 from .methods.soco.run_folder import load_teacher
-from .eval.perplexity import evaluate_perplexity
 from .eval.zeroshot import check_options, evaluate_tasks, format_results, task_manager
 from .info import print_info
 from .io import atomic, check_folder, export_dense, save_compressed
-from .methods import METHODS, SoCoConfig, config_for, export_from_run
+from .methods import METHODS, config_for, export_from_run
 from .methods.soco import run_config
 from .models import load_model
 from .runtime import init_distributed, is_main_process, resolve_device
-
-
-def _eval(model, tok, args, label: str):
-    res = evaluate_perplexity(model, tok, args.eval_data, args.eval_seq_len, args.eval_windows or None,
-                              args.eval_batch_size)
-    print(f"{label:<12} {res}")
-    return res
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -70,6 +63,8 @@ def method_kwargs(args) -> tuple[dict, str | None]:
         value = getattr(args, option)
         if value is None or value is False:  # not given (0 is a value: --alpha 0 is plain SVD)
             continue
+        if option == "resume" and name not in fields and getattr(args, "heal_steps", 0):
+            continue  # --resume continues the healing (OUT.heal) of a method that trains nothing else
         if name not in fields and args.method in METHODS:
             users = sorted(m for m in METHODS if name in _fields(m))
             raise SocoError(f"--{option.replace('_', '-')} applies to --method {' / '.join(users)} only")
@@ -105,21 +100,6 @@ def check_out(out: str, overwrite: bool, *inputs) -> None:
                         "delete it yourself or choose another --out")
 
 
-def _check_eval_data(args) -> None:
-    if getattr(args, "eval", True):
-        check_source(args.eval_data, "--eval-data")
-
-
-HEAL_WINDOWS = SoCoConfig()  # the windows and teacher top-k healing uses for every method: SoCo's defaults
-
-
-def _soco_caches_heal_teacher(config, seed: int) -> bool:
-    """Whether `config` is a whole-model SoCo run whose cached teacher is the one healing wants."""
-    if not isinstance(config, SoCoConfig) or config.blockwise or not config.run_dir:
-        return False
-    wanted = (HEAL_WINDOWS.num_samples, HEAL_WINDOWS.seq_len, seed, HEAL_WINDOWS.teacher_topk)
-    return (config.num_samples, config.seq_len, config.seed, config.teacher_topk) == wanted
-
 def cmd_compress(args) -> None:
     """Every input is checked first (options, config, run folder, text files, output folder); only then is the
     model loaded."""
@@ -133,24 +113,22 @@ def cmd_compress(args) -> None:
     baseline = config_for(args.baseline, ratio=args.ratio) if args.baseline is not None else None
     if baseline is not None and not args.eval:
         raise SocoError("--baseline compares perplexities; drop --no-eval")
-    _check_eval_data(args)
+    check_eval_data(args)
     check_out(args.out, args.overwrite, args.model, getattr(config, "run_dir", None))
-    heal_cfg = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch_size, seed=args.seed,
-                          run_dir=str(Path(args.out).with_name(Path(args.out).name + ".heal")))
-    heal_cfg.validate()  # its numbers were checked as options; this checks the rest
+    heal_cfg = heal_config(args, args.seed)
     init_distributed(device)  # under torchrun / accelerate launch; a no-op otherwise
     main_process = is_main_process()
     model, tok = load_model(args.model, args.dtype, device)
-    dense = _eval(model, tok, args, "dense") if args.eval and main_process else None
+    dense = evaluate(model, tok, args, "dense", keep=True) if args.eval and main_process else None
     rows = [("dense", dense)] if dense is not None else []
     if baseline is not None and main_process:
-        rows.append((baseline.method, _run_baseline(copy.deepcopy(model), tok, baseline, args)))
+        rows.append((baseline.method, _run_baseline(copy.deepcopy(model), tok, baseline, args, dense)))
     windows = (calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
                if config.needs else None)  # a data-free method reads no text
     # Every method heals on the same tokens against the same teacher (SoCo's default training windows),
     # cached from the dense model before the cut, so SVD-LLM + healing is a fair baseline. A whole-model SoCo
     # run on those very windows caches that teacher in its run folder already: read it, do not recompute it.
-    reuse = heal_cfg.steps and _soco_caches_heal_teacher(config, args.seed)
+    reuse = heal_cfg.steps and soco_caches_heal_teacher(config, args.seed)
     if heal_cfg.steps and not reuse:
         heal_windows = calibration_windows(tok, calib.source, HEAL_WINDOWS.num_samples, HEAL_WINDOWS.seq_len, args.seed)
         teacher = teacher_cache(model, heal_windows, HEAL_WINDOWS.teacher_topk, heal_cfg.batch_size)
@@ -158,7 +136,7 @@ def cmd_compress(args) -> None:
     if reuse:
         heal_windows, teacher = windows, load_teacher(Path(config.run_dir))
     if heal_cfg.steps:
-        report.config["heal"] = heal_record(heal_cfg, heal(model, teacher, heal_windows, heal_cfg))
+        heal_stage(model, tok, report, args, heal_cfg, teacher, heal_windows, dense, rows, main_process)
     if not main_process:
         return
     report.config["calibration"] = vars(calib)
@@ -166,36 +144,46 @@ def cmd_compress(args) -> None:
     _finish(model, tok, report, args, dense, rows)
 
 
-def _run_baseline(model, tok, config, args) -> None:
+def _run_baseline(model, tok, config, args, dense=None) -> dict:
     """Compress a copy of the dense model with a baseline method, print its perplexity, drop it."""
     calib = config.calibration(args.calib, args.seed)
     windows = calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed) if config.needs else None
     report = compress(model, config, windows, calib)
     print(report.summary())
-    return _eval(model, tok, args, config.method)
+    return evaluate(model, tok, args, config.method, dense)
 
 
 def _finish(model, tok, report, args, dense=None, rows=()) -> None:
     """Evaluate (optionally) and save a compressed model."""
-    compressed = _eval(model, tok, args, report.method) if args.eval else None
+    label = report.method + ("+heal" if report.config.get("heal") else "")
+    compressed = evaluate(model, tok, args, label, dense) if args.eval else None
     if compressed is not None:
-        report.config["eval"] = {"compressed": compressed.to_dict()}
+        report.config.setdefault("eval", {})["compressed"] = eval_record(compressed)
         if dense is not None:
-            report.config["eval"]["dense"] = dense.to_dict()
+            report.config["eval"]["dense"] = eval_record(dense)
     save_compressed(model, tok, args.out, report, overwrite=args.overwrite)
     print(f"saved to {args.out}  (took {report.seconds:.1f}s)")
     if len(rows) > 1 and compressed is not None:  # side by side, same held-out windows
-        table = [*rows, (report.method, compressed)]
-        print(f"\nperplexity at ratio {report.target_ratio} on {compressed.tokens} held-out tokens:")
-        print("  " + "  ".join(f"{name}: {res.perplexity:.1f}" for name, res in table))
+        table = [*rows, (label, compressed)]
+        for source, res in compressed.items():
+            print(f"\nperplexity at ratio {report.target_ratio} on {res.tokens} held-out tokens"
+                  f"{'' if len(compressed) == 1 else ' of ' + source}:")
+            print("  " + "  ".join(f"{name}: {r[source].perplexity:.1f}" for name, r in table))
 
 
 def cmd_export(args) -> None:
     device = resolve_device(args.device)
     run_config(args.run)  # run.json readable and valid, before the model is loaded
-    _check_eval_data(args)
+    check_eval_data(args)
     check_out(args.out, args.overwrite, args.run)
+    heal_cfg = None
+    if args.heal_steps:
+        cfg, _ = run_config(args.run)
+        heal_cfg = heal_config(args, cfg.seed)
+        teacher = run_teacher(Path(args.run))
     model, tok, report = export_from_run(args.run, args.ratio, device=device)
+    if heal_cfg is not None:
+        heal_stage(model, tok, report, args, heal_cfg, teacher, teacher.windows, None, [], True)
     print(report.summary())
     _finish(model, tok, report, args)
 
@@ -207,9 +195,9 @@ def cmd_eval(args) -> None:
     if args.tasks is not None:
         _zeroshot(args, device)
         return
-    check_source(args.eval_data, "--eval-data")
+    check_eval_data(args)
     model, tok = load_model(args.model, args.dtype, device)  # a compressed folder's format is checked first
-    _eval(model, tok, args, "perplexity")
+    evaluate(model, tok, args, "perplexity")
 
 
 def _zeroshot(args, device) -> None:

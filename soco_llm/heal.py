@@ -77,6 +77,14 @@ def _save(run_dir: Path, step: int, params: dict[str, nn.Parameter], opt: torch.
     atomic_write_json(run_dir / CHECKPOINT_META, {"step": step, "history": history})
 
 
+def heal_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the healing checkpoint in `run_dir`, None when there is none (or it cannot be read)."""
+    try:
+        return int(json.loads((run_dir / CHECKPOINT_META).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @torch.no_grad()
 def _load(run_dir: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
     try:
@@ -151,7 +159,7 @@ def heal(model: nn.Module, teacher: Teacher, windows: torch.Tensor, cfg: HealCon
     return history
 
 
-def heal_record(cfg: HealConfig, history: list[dict]) -> dict:
-    """What a report keeps of a healing run."""
+def heal_record(cfg: HealConfig, history: list[dict], seconds: float | None = None) -> dict:
+    """What a report keeps of a healing run (`seconds`: its wall time in this process, resumed steps excluded)."""
     return {**asdict(cfg), "final_kl": history[-1]["kl"] if history else None,
-            "first_kl": history[0]["kl"] if history else None}
+            "first_kl": history[0]["kl"] if history else None, "seconds": seconds}

@@ -216,3 +216,54 @@ def test_soco_with_healing_reads_its_own_cached_teacher(capsys, model_dir, text_
     assert calls["n"] == 1  # SoCo's own teacher, on the very windows healing uses, is read back, not recomputed
     heal = json.loads((tmp_path / "s" / "config.json").read_text())["compression"]["config"]["heal"]
     assert heal["steps"] == 2 and heal["final_kl"] is not None
+
+
+def test_healing_reports_before_and_after_with_heldout_kl_on_two_texts(capsys, model_dir, text_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(text_file.read_text().split())))  # a second text no method trains on
+    argv = compress_args(model_dir, text_file, tmp_path / "h", "--heal-steps", "3", "--heal-lr", "1e-3")
+    argv[argv.index("--eval-data") + 1:argv.index("--eval-data") + 2] = [text_file, other]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "held-out KL to dense" in stdout
+    comp = json.loads((tmp_path / "h" / "config.json").read_text())["compression"]
+    ev = comp["config"]["eval"]
+    assert set(ev) == {"dense", "before_heal", "compressed"}
+    for stage in ev.values():
+        assert set(stage) == {str(text_file), str(other)}
+    assert ev["dense"][str(other)]["kl"] is None  # the reference itself
+    before, after = ev["before_heal"][str(text_file)], ev["compressed"][str(text_file)]
+    assert before["kl"] > 0 and after["kl"] > 0 and before["tokens"] == after["tokens"]
+    assert comp["config"]["heal"]["seconds"] > 0
+    tables = [line for line in stdout.splitlines() if line.startswith("  dense:")]
+    assert len(tables) == 2 and all("svd-llm:" in t and "svd-llm+heal:" in t for t in tables)
+
+
+def test_healing_checkpoint_is_resumed_or_refused_never_restarted(capsys, model_dir, text_file, tmp_path):
+    argv = compress_args(model_dir, text_file, tmp_path / "h", "--no-eval", "--heal-steps", "2")
+    assert run(capsys, *argv)[0] == 0
+    code, _, err = clirun.run(capsys, *argv, "--overwrite")  # the checkpoint in h.heal is work: not redone unasked
+    clirun.assert_one_line_error(code, err, "--resume")
+    code, _, err = run(capsys, *argv, "--overwrite", "--resume")  # svd-llm trains nothing else: --resume is healing's
+    assert code == 0, err
+
+
+def test_export_heals_a_soco_run_with_its_cached_teacher(capsys, model_dir, text_file, tmp_path):
+    out = tmp_path / "s"
+    code, _, err = run(capsys, "compress", "--method", "soco", "--ratio", "0.4", "--model", model_dir, "--out", out,
+                       "--calib", text_file, "--set", "steps=4", "num_samples=6", "seq_len=32", "--no-eval")
+    assert code == 0, err
+    run_dir = tmp_path / "s.run"
+    code, _, err = run(capsys, "export", "--from", run_dir, "--ratio", "0.5", "--out", tmp_path / "e", "--no-eval",
+                       "--heal-steps", "2")
+    assert code == 0, err
+    code, _, err = run(capsys, "export", "--from", run_dir, "--ratio", "0.5", "--out", tmp_path / "p", "--no-eval")
+    assert code == 0, err
+    healed, plain = (json.loads((tmp_path / n / "config.json").read_text())["compression"] for n in ("e", "p"))
+    assert healed["ranks"] == plain["ranks"] and healed["achieved_ratio"] == plain["achieved_ratio"]
+    assert healed["config"]["heal"]["steps"] == 2 and healed["config"]["heal"]["final_kl"] is not None
+    (run_dir / "teacher.safetensors").unlink()
+    code, _, err = clirun.run(capsys, "export", "--from", run_dir, "--ratio", "0.5", "--out", tmp_path / "y",
+                              "--no-eval", "--heal-steps", "2")
+    clirun.assert_one_line_error(code, err, "teacher")
+    assert not (tmp_path / "y").exists()

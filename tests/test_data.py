@@ -16,6 +16,18 @@ def test_bundled_calibration_and_heldout_never_overlap():
     assert not set(held) & set(calib)
 
 
+def test_pubmed_is_a_second_kind_of_text_with_disjoint_splits():
+    held = bundled_passages("heldout", "pubmed")
+    calib = bundled_passages("calibration", "pubmed")
+    assert len(held) == 500 and len(calib) == 500 and not set(held) & set(calib)
+    assert not set(held) & set(bundled_passages("heldout"))  # not the BoolQ text
+    # plain abstracts: the dataset's "Context (n): " labels are markup, not text a model should be scored on
+    assert not any("Context (" in p for p in held + calib)
+    assert sum(len(p) for p in held) > 400_000  # ~160k tokens held out: far over the 12k the default eval scores
+    assert data.source_text("pubmed", "eval") == "\n\n".join(held)
+    data.check_source("pubmed", "--eval-data")  # a named source, not a file path
+
+
 def test_calibration_windows_reproducible_with_bos(text_file):
     tok = tiny_tokenizer()
     a = calibration_windows(tok, str(text_file), num_samples=4, seq_len=16, seed=3)

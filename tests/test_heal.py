@@ -86,3 +86,17 @@ def test_healing_an_uncompressed_model_is_a_clear_error():
     windows = random_windows(4, 32)
     with pytest.raises(soco_llm.SocoError, match="compress it first"):
         heal(model, teacher_cache(model, windows, 8, 4), windows, HealConfig(steps=2))
+
+
+def test_heldout_kl_is_measured_in_the_perplexity_pass():
+    dense = tiny_model("llama")
+    windows = random_windows(6, 32)
+    ref = soco_llm.perplexity(dense, windows, batch_size=4, keep_topk=32)
+    assert ref.kl is None and ref.kept.top_logp.shape == (6, 31, 32) and "kept" not in ref.to_dict()
+    same = soco_llm.perplexity(dense, windows, batch_size=3, reference=ref.kept)  # other batching, same KL
+    assert abs(same.kl) < 1e-5 and same.perplexity == pytest.approx(ref.perplexity, rel=1e-6)
+    model, _, teacher, _ = _compressed()
+    out = soco_llm.perplexity(model, windows, batch_size=4, reference=ref.kept)
+    assert out.kl == pytest.approx(_kl(model, windows, ref.kept), rel=1e-4) and out.kl > 100 * abs(same.kl)
+    with pytest.raises(ValueError, match="other windows"):
+        soco_llm.perplexity(model, windows[:4], reference=ref.kept)

@@ -22,22 +22,33 @@ class Teacher:
     top_logp: torch.Tensor  # [N, L-1, k]
     top_idx: torch.Tensor  # [N, L-1, k] int64
     rest_logp: torch.Tensor  # [N, L-1]
+    windows: torch.Tensor | None = None  # [N, L] the token windows these are for, where kept (saved with them)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"top_logp": self.top_logp, "top_idx": self.top_idx, "rest_logp": self.rest_logp}
+        out = {"top_logp": self.top_logp, "top_idx": self.top_idx, "rest_logp": self.rest_logp}
+        return out if self.windows is None else {**out, "windows": self.windows}
+
+    @classmethod
+    def concat(cls, parts: list["Teacher"]) -> "Teacher":
+        return cls(*(torch.cat([getattr(t, f) for t in parts]) for f in ("top_logp", "top_idx", "rest_logp")))
+
+
+def top_k_entry(logits: torch.Tensor, k: int) -> Teacher:
+    """The teacher entry of one batch of logits [B, L, V], kept on the host: the cache for all windows can
+    be larger than what the device holds."""
+    logp = F.log_softmax(logits[:, :-1].float(), -1)
+    top, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+    return Teacher(top.cpu(), idx.cpu(), rest.cpu())
 
 
 @torch.no_grad()
 def teacher_cache(model: nn.Module, windows: torch.Tensor, k: int, batch_size: int) -> Teacher:
     device = next(model.parameters()).device
-    tops, idxs, rests = [], [], []
-    for batch in tqdm(windows.split(batch_size), desc="soco teacher"):
-        logp = F.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits[:, :-1].float(), -1)
-        top, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
-        rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
-        # Kept on the host: the cache for all windows can be larger than what the device holds.
-        tops.append(top.cpu()), idxs.append(idx.cpu()), rests.append(rest.cpu())
-    return Teacher(torch.cat(tops), torch.cat(idxs), torch.cat(rests))
+    teacher = Teacher.concat([top_k_entry(model(input_ids=batch.to(device), use_cache=False).logits, k)
+                              for batch in tqdm(windows.split(batch_size), desc="soco teacher")])
+    teacher.windows = windows.cpu()
+    return teacher
 
 
 def kl_to_teacher(logits: torch.Tensor, top_logp: torch.Tensor, top_idx: torch.Tensor,

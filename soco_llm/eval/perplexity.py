@@ -2,12 +2,16 @@
 
 When the tokenizer defines BOS, each window is BOS + (seq_len−1) text tokens and BOS itself is
 never scored, so every window scores seq_len−1 predictions.
+
+The same pass can keep the model's top-k next-token log-probs on those windows (`keep_topk`, done for the
+dense model), and then measure another model's held-out KL to them (`reference`): KL on text that nothing
+trains on, beside the training KL, with no extra pass of either model.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checks import at_least, check
+from ..core.teacher import Teacher, kl_to_teacher, top_k_entry
 from ..data import eval_windows
 from ..errors import SocoError
 
@@ -30,43 +35,65 @@ class PerplexityResult:
     windows: int
     seq_len: int
     bos: bool
+    source: str | None = None  # the text source's name, where known
+    kl: float | None = None  # mean held-out KL(reference ‖ this model) per token, when a reference was given
+    kept: Teacher | None = field(default=None, repr=False)  # this model's top-k log-probs, with keep_topk
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "kept"}
 
     def __str__(self) -> str:
+        kl = f", held-out KL to dense {self.kl:.4f}" if self.kl is not None else ""
         return (f"perplexity {self.perplexity:.4g} over {self.tokens} tokens "
-                f"({self.windows} windows of {self.seq_len}{', BOS prepended' if self.bos else ''})")
+                f"({self.windows} windows of {self.seq_len}{', BOS prepended' if self.bos else ''}{kl})")
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, bos: bool = False,
-               desc: str = "perplexity") -> PerplexityResult:
-    """`windows`: LongTensor [n, seq_len]; `bos`: whether column 0 is a prepended BOS (for the record)."""
+               desc: str = "perplexity", reference: Teacher | None = None, keep_topk: int = 0,
+               source: str | None = None) -> PerplexityResult:
+    """`windows`: LongTensor [n, seq_len]; `bos`: whether column 0 is a prepended BOS (for the record).
+    `reference`: top-k log-probs of another model on these windows (a `kept` of an earlier call), to measure
+    the KL to; `keep_topk`: keep this model's top-k log-probs in the result."""
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise SocoError("perplexity needs at least one token window")
     check("perplexity batch_size", batch_size, int, EVAL_RULES["batch_size"])
+    if reference is not None and tuple(reference.rest_logp.shape) != (windows.shape[0], windows.shape[1] - 1):
+        raise ValueError("the reference log-probs are for other windows")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, kl_sum, kept = 0.0, 0, 0.0, []
+    start = 0
     for batch in tqdm(windows.split(batch_size), desc=desc):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total += float(nll)
-        count += batch[:, 1:].numel()
+        n = batch[:, 1:].numel()
+        count += n
+        if reference is not None:
+            rows = slice(start, start + batch.shape[0])
+            ref = [t[rows].to(device) for t in (reference.top_logp, reference.top_idx, reference.rest_logp)]
+            kl_sum += float(kl_to_teacher(logits, *ref)) * n
+        if keep_topk:
+            kept.append(top_k_entry(logits, keep_topk))
+        start += batch.shape[0]
     model.train(was_training)
     mean = total / count
     return PerplexityResult(math.exp(mean) if mean < 700 else float("inf"), mean, count,
-                            windows.shape[0], windows.shape[1], bos)
+                            windows.shape[0], windows.shape[1], bos, source,
+                            kl_sum / count if reference is not None else None,
+                            Teacher.concat(kept) if kept else None)
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer, source: str = "bundled", seq_len: int = 512,
-                        max_windows: int | None = 24, batch_size: int = 4) -> PerplexityResult:
-    """Perplexity on held-out text: 'bundled' (BoolQ dev passages), wikitext2, c4, ptb, or a text file."""
+                        max_windows: int | None = 24, batch_size: int = 4, reference: Teacher | None = None,
+                        keep_topk: int = 0) -> PerplexityResult:
+    """Perplexity on held-out text: 'bundled' (BoolQ dev passages), 'pubmed' (PubMedQA abstracts), wikitext2,
+    c4, ptb, or a text file. `reference` and `keep_topk` as in `perplexity`."""
     for name, value in (("seq_len", seq_len), ("max_windows", max_windows or 0)):  # batch_size: perplexity()
         check(f"perplexity {name}", value, int, EVAL_RULES[name])
     windows = eval_windows(tokenizer, source, seq_len, max_windows)
     return perplexity(model, windows, batch_size, bos=getattr(tokenizer, "bos_token_id", None) is not None,
-                      desc=f"perplexity ({source})")
+                      desc=f"perplexity ({source})", reference=reference, keep_topk=keep_topk, source=source)
