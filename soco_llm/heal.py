@@ -161,5 +161,9 @@ def heal(model: nn.Module, teacher: Teacher, windows: torch.Tensor, cfg: HealCon
 
 def heal_record(cfg: HealConfig, history: list[dict], seconds: float | None = None) -> dict:
     """What a report keeps of a healing run (`seconds`: its wall time in this process, resumed steps excluded)."""
+    def mean_kl(steps: list[dict]) -> float | None:  # one step's KL is one batch's: noisy alone
+        return sum(h["kl"] for h in steps) / len(steps) if steps else None
+
     return {**asdict(cfg), "final_kl": history[-1]["kl"] if history else None,
-            "first_kl": history[0]["kl"] if history else None, "seconds": seconds}
+            "first_kl": history[0]["kl"] if history else None, "kl_first_10": mean_kl(history[:10]),
+            "kl_last_10": mean_kl(history[-10:]), "seconds": seconds}
