@@ -100,3 +100,23 @@ def test_heldout_kl_is_measured_in_the_perplexity_pass():
     assert out.kl == pytest.approx(_kl(model, windows, ref.kept), rel=1e-4) and out.kl > 100 * abs(same.kl)
     with pytest.raises(ValueError, match="other windows"):
         soco_llm.perplexity(model, windows[:4], reference=ref.kept)
+
+
+def test_kl_equals_the_full_log_softmax_reference_in_value_and_gradient():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from harness.reference_kl import reference_kl
+
+    g = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(3, 17, 500, generator=g) * 4
+    t = teacher_module.top_k_entry(teacher_logits, 32)
+    grads = []
+    for fn in (kl_to_teacher, reference_kl):
+        x = (torch.randn(3, 17, 500, generator=torch.Generator().manual_seed(1)) * 4).requires_grad_(True)
+        value = fn(x, t.top_logp, t.top_idx, t.rest_logp)
+        value.backward()
+        grads.append((value.detach(), x.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-8)
