@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--fast", action="store_true", help="decode every model through soco_llm.fast_inference "
+                   "(static KV cache, compiled decode step; CUDA graphs on GPUs)")
     p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
                    help="keep glibc's allocator defaults (freed heap returned to the OS; noisier decode times)")
     p.add_argument("--processes", type=int, default=1,
@@ -105,7 +107,8 @@ def measure(args, argv: list[str]) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = BenchSettings(args.prefill_lengths, args.decode_prompt, args.new_tokens, args.warmup, args.repeats,
-                             args.device, args.threads, malloc_tuning=args.malloc_tuning and args.device == "cpu")
+                             args.device, args.threads, malloc_tuning=args.malloc_tuning and args.device == "cpu",
+                             fast=args.fast)
     hardware = {**hardware_info(args.device), "dtype": args.dtype}
     if args.processes > 1:
         runs = [measure_in_subprocess(argv) for _ in tqdm(range(args.processes), desc="measuring processes")]

@@ -5,6 +5,7 @@
     report = soco_llm.compress(model, soco_llm.SVDLLMConfig(ratio=0.4), calib)
     soco_llm.save_compressed(model, tok, "out", report)
     model = soco_llm.load("out")
+    soco_llm.fast_inference(model)                          # static KV cache + compiled decode for generate()
 
 Layout: `core/` (method-agnostic parts), `methods/` (one config + handler per method),
 `io/` (files), `eval/` (perplexity, zero-shot), `compress.py` (the one entry point), `cli.py`.
@@ -18,6 +19,7 @@ from .core.report import CompressionReport  # noqa: E402
 from .data import calibration_windows, eval_windows  # noqa: E402
 from .errors import SocoError  # noqa: E402
 from .eval.perplexity import evaluate_perplexity, perplexity  # noqa: E402
+from .inference import fast_inference  # noqa: E402
 from .io import export_dense, load, merge_to_dense, save_compressed, save_dense  # noqa: E402
 from .methods import (ASVDConfig, CalibrationConfig, CompressionConfig, FWSVDConfig, SoCoConfig,  # noqa: E402
                       SVDConfig, SVDLLMConfig, config_for, config_from_dict, export_from_run, register)
@@ -26,6 +28,6 @@ from .models import load_model  # noqa: E402
 __all__ = [
     "ASVDConfig", "CalibrationConfig", "CompressionConfig", "CompressionReport", "FWSVDConfig", "LowRankLinear",
     "SVDConfig", "SVDLLMConfig", "SoCoConfig", "export_from_run", "SocoError", "calibration_windows", "compress",
-    "config_for", "config_from_dict", "eval_windows", "evaluate_perplexity", "export_dense", "load", "load_model",
+    "config_for", "config_from_dict", "eval_windows", "evaluate_perplexity", "export_dense", "fast_inference", "load", "load_model",
     "merge_to_dense", "perplexity", "register", "save_compressed", "save_dense",
 ]

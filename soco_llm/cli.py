@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="The capital of France is", help="text to continue")
     g.add_argument("--max-new-tokens", type=option_type(int, at_least(1)), default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--fast", action="store_true", help="decode on the fast path (static KV cache, compiled decode "
+                   "step; CUDA graphs on GPUs); an untimed first run compiles it")
     g.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: as saved")
     _add_device_arg(g)
 

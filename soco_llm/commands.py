@@ -243,10 +243,10 @@ def cmd_clean(args) -> None:
 
 def cmd_generate(args) -> None:
     model, tok = load_model(args.model, args.dtype, resolve_device(args.device))
-    g = generate(model, tok, args.prompt, args.max_new_tokens, args.chat)
+    g = generate(model, tok, args.prompt, args.max_new_tokens, args.chat, args.fast)
     print(g.text)
     print(f"\n{g.new_tokens} new tokens after a {g.prompt_tokens}-token prompt in {g.seconds:.2f}s: "
-          f"{g.tokens_per_s:.1f} tokens/s (greedy, prefill included)")
+          f"{g.tokens_per_s:.1f} tokens/s (greedy, prefill included{', fast path' if args.fast else ''})")
 
 
 COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export,

@@ -44,6 +44,7 @@ class BenchSettings:
     threads: int | None = None  # torch intra-op threads; None = torch's default
     seed: int = 0
     malloc_tuning: bool = True  # `tune_malloc()` before timing (CPU); recorded in the results
+    fast: bool = False  # decode through `soco_llm.inference.fast_inference` (every model alike)
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -145,6 +146,11 @@ def run(spec: str | None, ratios: list[float], folders: list[str], settings: Ben
     from .shapes import load_models
 
     loaded = load_models(spec, ratios, folders, settings, dtype)
+    if settings.fast:  # the warm-up round pays for each model's compilation
+        from soco_llm.inference import fast_inference
+
+        for _, model, _ in loaded:
+            fast_inference(model)
     measured = bench_models([(m, pad) for _, m, pad in loaded], settings)
     rows = [{**info, **row, "torch_threads": torch.get_num_threads()} for (info, _, _), row in zip(loaded, measured)]
     return add_speedups(rows)
