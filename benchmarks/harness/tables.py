@@ -97,9 +97,9 @@ def speed_table(rows: list[dict], hardware: dict, settings) -> str:
         f"Hardware: {hw['cpu']}, {hw['usable_cpus']} usable CPUs, torch {hw['torch']} with {rows[0]['torch_threads']} "
         f"thread(s), device {hw['device']}" + (f" ({hw['gpu']})" if hw.get("gpu") else "") + load + ".",
         f"Batch 1, {hw.get('dtype', 'float32')}. Prefill: one forward pass filling the KV cache. Decode: greedy "
-        + ("generate on the fast path (`soco_llm.fast_inference`: static KV cache, compiled decode step, every model "
-           "alike; the warm-up pays for compilation) " if getattr(settings, "fast", False) else "")
-        + f"generate after a {settings.decode_prompt}-token prompt, ({settings.new_tokens}−1) / "
+        + "generate " + ("on the fast path (`soco_llm.fast_inference`: static KV cache, compiled decode step, every "
+                         "model alike; the warm-up pays for compilation) " if getattr(settings, "fast", False) else "")
+        + f"after a {settings.decode_prompt}-token prompt, ({settings.new_tokens}−1) / "
         f"(t({settings.new_tokens} new tokens) − t(1 new token)). Median of {settings.repeats} after "
         f"{settings.warmup} warm-up, all models timed round-robin in one process"
         + (f"; then the median over {len(rows[0]['decode_speedup_per_process'])} such processes run one after "
