@@ -213,3 +213,21 @@ def test_export_other_ratio_from_one_run(tmp_path, model_dir):
     m3, _, r3 = soco_llm.export_from_run(tmp_path / "run", 0.4)
     assert r3.ranks == report.ranks
     torch.testing.assert_close(m3(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sequential_basis_whitens_on_the_cut_earlier_blocks_and_restores_the_model():
+    from soco_llm.core.layer import LowRankLinear
+
+    model = tiny_model("llama")
+    windows = random_windows(8, 32)
+    bases = {}
+    for sequential in (False, True):
+        cfg = soco_llm.SoCoConfig(ratio=0.6, sequential=sequential, whiten_samples=8, batch_size=4)
+        targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
+        bases[sequential] = decompose_targets(model, cfg, targets, windows)
+        assert not any(isinstance(m, LowRankLinear) for m in model.modules())  # the dense layers are back
+    first = [n for n in bases[False] if ".layers.0." in n]
+    later = [n for n in bases[False] if ".layers.1." in n]
+    for n in first:  # block 0 sees the same inputs either way
+        torch.testing.assert_close(bases[True][n]["sigma"], bases[False][n]["sigma"])
+    assert any(not torch.allclose(bases[True][n]["sigma"], bases[False][n]["sigma"]) for n in later)

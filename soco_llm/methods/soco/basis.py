@@ -1,5 +1,9 @@
 """SoCo's basis: every target decomposed once (whitened or plain), capped at the largest useful rank,
-with the prior that puts the uniform cut at importance 1; and its flat form for the run folder."""
+with the prior that puts the uniform cut at importance 1; and its flat form for the run folder.
+
+With `sequential`, each block's whitening statistics come from the inputs of the earlier blocks cut at
+the uniform rank (as SVD-LLM's sequential mode does), a stand-in for the cut SoCo has not learned yet;
+the dense layers are put back before training."""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...core.adapter import Target, linear_weight
+from ...core.adapter import Target, linear_weight, replace_module
+from ...core.layer import LowRankLinear
 from ...core.bases import plain_basis, whitened_basis
 from ...core.budget import max_useful_rank, uniform_rank
 from ...core.stats import BlockRunner, LayerStats
@@ -46,10 +51,24 @@ def decompose_targets(model: nn.Module, cfg: SoCoConfig, targets: list[Target],
     if windows is None:
         raise SocoError("the whitened basis needs calibration windows")
     basis: dict[str, dict[str, torch.Tensor]] = {}
+    dense: dict[str, torch.nn.Module] = {}  # what `sequential` swapped out, put back at the end
     batches = list(windows[: cfg.whiten_samples].split(cfg.batch_size))
-    BlockRunner(model, targets, batches).run(
-        lambda i, b, stats: basis.update({n: basis_entry(by_name[n], cfg, s) for n, s in stats.items()}),
-        {"xtx"}, desc="soco basis")
+
+    def on_block(i: int, block: nn.Module, stats: dict) -> None:
+        entries = {n: basis_entry(by_name[n], cfg, s) for n, s in stats.items()}
+        basis.update(entries)
+        for n, e in entries.items() if cfg.sequential else ():
+            t = by_name[n]
+            r = min(uniform_rank(*t.shape, cfg.ratio), e["sigma"].numel())
+            dense[n] = t.module
+            replace_module(model, n, LowRankLinear.replacing(t.module, e["sigma"][:r, None] * e["right"][:r],
+                                                             e["left"][:, :r]))
+
+    try:
+        BlockRunner(model, targets, batches).run(on_block, {"xtx"}, sequential=cfg.sequential, desc="soco basis")
+    finally:
+        for n, module in dense.items():
+            replace_module(model, n, module)
     return basis
 
 
