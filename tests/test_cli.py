@@ -254,9 +254,10 @@ def test_export_heals_a_soco_run_with_its_cached_teacher(capsys, model_dir, text
                        "--calib", text_file, "--set", "steps=4", "num_samples=6", "seq_len=32", "--no-eval")
     assert code == 0, err
     run_dir = tmp_path / "s.run"
-    code, _, err = run(capsys, "export", "--from", run_dir, "--ratio", "0.5", "--out", tmp_path / "e", "--no-eval",
-                       "--heal-steps", "2")
+    code, stdout, err = run(capsys, "export", "--from", run_dir, "--ratio", "0.5", "--out", tmp_path / "e",
+                            "--heal-steps", "2", "--eval-data", text_file, "--eval-seq-len", "32", "--eval-windows", "2")
     assert code == 0, err
+    assert "soco " in stdout and "soco+heal " in stdout  # before and after healing, on the same windows
     code, _, err = run(capsys, "export", "--from", run_dir, "--ratio", "0.5", "--out", tmp_path / "p", "--no-eval")
     assert code == 0, err
     healed, plain = (json.loads((tmp_path / n / "config.json").read_text())["compression"] for n in ("e", "p"))
