@@ -13,7 +13,8 @@ held-out ones) for the same steps at the same learning rate. Nothing trains on e
 
 Times: "compress" is the method's own time (the report's seconds), "heal" the healing's; the process's
 wall time and peak RSS (the whole command, three evaluations and the teacher included) are the healed
-row's. Each finished row is checkpointed into <out-dir>/heal_table.json; `--resume` continues.
+row's (with `--jobs 2`, rows share the machine: their times are indicative). Each finished row is
+checkpointed into <out-dir>/heal_table.json; `--resume` continues, and may add other ratios or methods.
 The model folders go to --work-dir (not committed) and are deleted unless --keep.
 """
 
@@ -62,6 +63,8 @@ def run_row(key: str, job: dict, work: Path, keep: bool) -> dict:
     for stale in (out.with_name(out.name + ".run"), out.with_name(out.name + ".heal")):
         shutil.rmtree(stale, ignore_errors=True)  # a row runs from the start; --resume skips finished rows
     env = {**os.environ, "TQDM_DISABLE": "1"}
+    if job.get("threads"):  # torch reads it at start-up: the child's intra-op threads
+        env["OMP_NUM_THREADS"] = str(job["threads"])
     log_path = work / f"{out.name}.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -74,6 +77,7 @@ def run_row(key: str, job: dict, work: Path, keep: bool) -> dict:
     comp = json.loads((out / "config.json").read_text())["compression"]
     cfg = comp["config"]
     row = {"method": job["method"], "ratio": job["ratio"], "command": " ".join(job["command"]),
+           "threads": job.get("threads"), "jobs": job.get("jobs", 1),
            "achieved_ratio": comp["achieved_ratio"], "eval": cfg["eval"], "heal": cfg["heal"],
            "final_train": cfg.get("final_train"), "phases": cfg.get("phases"),
            "compress_s": json.loads((out / "compression_report.json").read_text())["seconds"],
@@ -94,11 +98,14 @@ def markdown(results: dict) -> str:
     texts = s["eval_data"]
     env = results["environment"]
     lines = [f"# Healing after the cut, side by side ({'SoCo --quick' if s['quick'] else 'SoCo default'})", "",
-             f"{env['date']}, {env['cpu']}, {env['usable_cpus']} usable CPUs, torch {env['torch']}, commit "
-             f"{env.get('git_commit') or '?'}. Command: `{env['command']}`", "",
+             f"{env['cpu']}, {env['usable_cpus']} usable CPUs, torch {env['torch']}. Commands (rows of a later "
+             "one are added to the earlier ones', same settings): "
+             + "; then ".join(f"`{r['command']}` ({r['date'][:16]} UTC, commit {(r.get('git_commit') or '?')[:10]})"
+                              for r in [*env.get("earlier_runs", []), env]), "",
              f"Perplexity on the first {s['eval_windows']} held-out windows of 512 tokens of each text: "
              + ", ".join(f"{TEXT_NAMES.get(t, t)} (`--eval-data {t}`)" for t in texts)
-             + ". Held-out KL: mean per-token KL(dense ‖ model) on the BoolQ dev windows (top-128 + rest). Training "
+             + ". Held-out KL: mean per-token KL(dense ‖ model) on those windows of each text (the dense model's top-128 "
+               "log-probs + one bucket for the rest), measured in the perplexity pass. Training "
                f"KL: SoCo's last training step; healing's mean over its first / last 10 steps (one 4x256 batch each). "
                f"Healing: {s['heal_steps']} steps of {s['heal_batch_size']}x256 tokens, Adam lr {s['heal_lr']:g}, "
                "for every method against the same teacher on the same windows.", ""]
@@ -125,6 +132,11 @@ def markdown(results: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Train KL of an unhealed SVD-LLM row: healing's first 10 steps (before they have moved much); "
               "of an unhealed SoCo row: SoCo's own last step. Wall and peak RSS: the whole command, both rows."]
+    shared = [r for r in rows if r.get("jobs", 1) > 1 or r.get("threads")]
+    if shared:
+        lines.append(f"Run {shared[0].get('jobs', 1)} at a time with {shared[0].get('threads') or 'default'} torch "
+                     "thread(s) each, so their times are not comparable with the rows run alone: "
+                     + ", ".join(f"{r['method']} @ {r['ratio']:g}" for r in shared) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -147,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--work-dir", type=Path, default=Path("runs") / STEM)
     p.add_argument("--keep", action="store_true", help="keep the model folders in --work-dir")
+    p.add_argument("--jobs", type=int, default=1, help="rows run at once (each its own process)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per row (OMP_NUM_THREADS; default: "
+                   "torch's own)")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
     # Methods and ratios are not settings: a later --resume run may add rows of others to the same table.
@@ -156,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     results = runner.start(path, {"settings": settings, "environment": environment(__file__, argv), "rows": {}},
                            args.resume, "heal_table.py")
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    jobs = {f"{m}@{r:g}": {"method": m, "ratio": r, "command": soco_command(m, r, args, args.work_dir / f"{m}-{r:g}")}
+    jobs = {f"{m}@{r:g}": {"method": m, "ratio": r, "threads": args.threads, "jobs": args.jobs,
+                           "command": soco_command(m, r, args, args.work_dir / f"{m}-{r:g}")}
             for r in args.ratios for m in args.methods}
     jobs = {k: j for k, j in jobs.items() if k not in results["rows"]}
 
@@ -164,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         results["rows"][key] = row
         emit(markdown(results), args.out_dir / f"{STEM}.md", path, results)
 
-    failed = runner.run_rows(jobs, lambda k, j: run_row(k, j, args.work_dir, args.keep), done)
+    failed = runner.run_rows(jobs, lambda k, j: run_row(k, j, args.work_dir, args.keep), done, parallel=args.jobs)
+    if not jobs and results["rows"]:  # --resume with nothing left to run renders the table again
+        emit(markdown(results), args.out_dir / f"{STEM}.md", path, results)
     if failed:
         raise SystemExit(f"heal_table.py: rows failed: {', '.join(failed)}; rerun with --resume")
 
