@@ -4,8 +4,9 @@
     python benchmarks/report.py --check    # write nothing; exit 1 if a result JSON is missing or RESULTS.md is stale
 
 Inputs: compare_methods.json (perplexity), zeroshot.json (accuracy), speed_cpu.json (speed and
-memory), decode_profile_cpu.md, speed_cpu_360m.md, layer_crossover_cpu.md, soco_bench.json, and
-compare_methods.json in any subfolder (extra runs). A missing input gives a "not measured yet: run
+memory), decode_profile_cpu.md, speed_cpu_360m.md, layer_crossover_cpu.md, soco_bench.json,
+heal/heal_table.json (healing side by side) with heal_cli.md, and compare_methods.json in any other
+subfolder (extra runs). A missing input gives a "not measured yet: run
 <command>" line in its section. The output has no generation date, so it changes only when the inputs change.
 """
 
@@ -45,6 +46,8 @@ COMMANDS = {
     "decode_profile_cpu.md": "OMP_NUM_THREADS=1 python benchmarks/decode_profile.py --ratio 0.4 --threads 1 "
                              "--new-tokens 64 --json benchmarks/results/decode_profile_cpu.json "
                              "--markdown benchmarks/results/decode_profile_cpu.md",
+    "heal/heal_table.json": "python benchmarks/heal_table.py --ratios 0.4 --heal-steps 60 --out-dir "
+                            "benchmarks/results/heal, then --ratios 0.2 0.6 --resume",
     "speed_cpu_360m.md": "OMP_NUM_THREADS=1 python benchmarks/speed.py --model shape:smollm2-360m --ratios 0.4 "
                          "--threads 1 --repeats 3 --prefill-lengths 128 --processes 3 "
                          "--json benchmarks/results/speed_cpu_360m.json "
@@ -242,6 +245,15 @@ def soco_section(inputs: Inputs) -> list[str]:
     return lines + ([_untitled(timing), ""] if timing else not_measured("soco_timing.md"))
 
 
+def heal_section(inputs: Inputs) -> list[str]:
+    """benchmarks/heal_table.py renders its own table (healing side by side); embed it, then the first CLI runs."""
+    lines = ["## Healing after the cut: every method with and without it, on two kinds of text", ""]
+    data, text = inputs.json("heal/heal_table.json"), inputs.text("heal/heal_table.md")
+    lines += [_untitled(text), ""] if data is not None and text is not None else not_measured("heal/heal_table.json")
+    first = inputs.text("heal_cli.md")
+    return lines + (["### First measurements (40 steps, BoolQ dev only)", "", _untitled(first), ""] if first else [])
+
+
 def _untitled(text: str) -> str:
     """A result file's Markdown without its own title, to embed under this report's heading."""
     return (text.split("\n", 1)[1] if text.startswith("# ") else text).strip()
@@ -260,6 +272,7 @@ def render(results_dir: Path, out: Path, zeroshot_ratio: float = 0.4) -> tuple[s
     lines += zeroshot_section(inputs, out, zeroshot_ratio)
     lines += speed_section(inputs, out)
     lines += soco_section(inputs)
+    lines += heal_section(inputs)
     return "\n".join(lines).rstrip() + "\n", inputs.missing
 
 

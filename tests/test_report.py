@@ -65,6 +65,9 @@ def write_fixtures(d: Path) -> None:
                          {**speed_row, "label": "svd 0.4", "achieved_ratio": 0.401, "prefill_tok_s": {"128": 286.0},
                           "prefill_speedup": {"128": 1.35}, "decode_limit": 1.46, "weight_bytes": 367633152}]}
     soco = {"command": "python benchmarks/soco_bench.py", "rows": {}}
+    (d / "heal").mkdir()
+    (d / "heal" / "heal_table.json").write_text(json.dumps({"settings": {}, "rows": {}}))
+    (d / "heal" / "heal_table.md").write_text("# Healing\n\n| ratio | model |\n|---|---|\n| 0.4 | **soco + heal** |\n")
     (d / "soco_bench.md").write_text("# SoCo on the default model\n\n| row | ratio |\n|---|---:|\n| stage 2 off @ 0.4 | 0.40 |\n")
     for name, obj in [("compare_methods.json", compare), ("zeroshot.json", zeroshot_results()),
                       ("speed_cpu.json", speed), ("soco_bench.json", soco)]:
@@ -90,6 +93,7 @@ def test_report_renders_every_section(tmp_path):
     assert "`python benchmarks/x.py --flag`" in text and "lm_eval 0.4.13" in text and "2026-01-02T03:04:05" in text
     assert "### Where a decode step's time goes (ratio 0.4)\n\n| ms per decoded token |" in text
     assert "| attention | 1.50 | 1.50 | 1.00 |" in text
+    assert "## Healing after the cut" in text and "| 0.4 | **soco + heal** |" in text
     assert "Not measured yet" in text  # the layer crossover and 360M files are absent
     assert report.main(["--results", str(results), "--out", str(out), "--check"]) == 0
     (results / "soco_bench.json").unlink()
@@ -101,7 +105,7 @@ def test_report_missing_inputs_say_what_to_run(tmp_path):
     assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
     text = out.read_text()
     for script in ("compare_methods.py", "zeroshot.py", "speed.py", "soco_bench.py", "layer_crossover.py",
-                   "decode_profile.py", "speed.py --model shape:smollm2-360m"):
+                   "decode_profile.py", "speed.py --model shape:smollm2-360m", "heal_table.py"):
         assert "Not measured yet: run `" in text and f"benchmarks/{script}" in text
     assert report.main(["--results", str(tmp_path), "--out", str(out), "--check"]) == 1
 
