@@ -50,6 +50,7 @@ def soco_caches_heal_teacher(config, seed: int) -> bool:
     wanted = (HEAL_WINDOWS.num_samples, HEAL_WINDOWS.seq_len, seed, HEAL_WINDOWS.teacher_topk)
     return (config.num_samples, config.seq_len, config.seed, config.teacher_topk) == wanted
 
+
 def heal_config(args, seed: int) -> HealConfig:
     """Healing's settings from the command line; checkpoints in OUT.heal."""
     cfg = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch_size, seed=seed,

@@ -173,12 +173,11 @@ def _finish(model, tok, report, args, dense=None, rows=()) -> None:
 
 def cmd_export(args) -> None:
     device = resolve_device(args.device)
-    run_config(args.run)  # run.json readable and valid, before the model is loaded
+    cfg, _ = run_config(args.run)  # run.json readable and valid, before the model is loaded
     check_eval_data(args)
     check_out(args.out, args.overwrite, args.run)
     heal_cfg = None
     if args.heal_steps:
-        cfg, _ = run_config(args.run)
         heal_cfg = heal_config(args, cfg.seed)
         teacher = run_teacher(Path(args.run))
     model, tok, report = export_from_run(args.run, args.ratio, device=device)
