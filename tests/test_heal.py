@@ -25,23 +25,30 @@ def _kl(model, windows, teacher):
                                    teacher.rest_logp))
 
 
-def test_healing_lowers_the_kl_and_keeps_ranks_and_ratio():
+MODES = [dict(mode="factors"), dict(mode="adapter", adapter_rank=4)]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["mode"])
+def test_healing_lowers_the_kl_and_keeps_ranks_and_ratio(mode):
     model, windows, teacher, report = _compressed()
     shapes = {n: (m.A.shape, m.B.shape) for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    keys = set(model.state_dict())
     before = _kl(model, windows, teacher)
-    history = heal(model, teacher, windows, HealConfig(steps=30, lr=3e-3, batch_size=4))
+    history = heal(model, teacher, windows, HealConfig(steps=30, lr=3e-3, batch_size=4, **mode))
     assert len(history) == 30
     assert _kl(model, windows, teacher) < 0.8 * before
     assert {n: (m.A.shape, m.B.shape) for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == shapes
+    assert set(model.state_dict()) == keys  # adapters merged and gone: plain factors, nothing added
     assert {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == \
         {n: r for n, r in report.ranks.items() if r}
     assert all(not p.requires_grad for p in model.parameters())
 
 
-def test_interrupted_healing_resumes_to_the_same_factors(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["mode"])
+def test_interrupted_healing_resumes_to_the_same_factors(tmp_path, monkeypatch, mode):
     def run(name, interrupt_at=None, resume=False):
         model, windows, teacher, _ = _compressed()
-        cfg = HealConfig(steps=8, lr=3e-3, checkpoint_every=2, run_dir=str(tmp_path / name), resume=resume)
+        cfg = HealConfig(steps=8, lr=3e-3, checkpoint_every=2, run_dir=str(tmp_path / name), resume=resume, **mode)
         if interrupt_at is not None:
             real, calls = teacher_module.kl_to_teacher, {"n": 0}
 
@@ -66,16 +73,45 @@ def test_interrupted_healing_resumes_to_the_same_factors(tmp_path, monkeypatch):
     torch.testing.assert_close(resumed(input_ids=x).logits, full(input_ids=x).logits, atol=1e-6, rtol=1e-6)
 
 
-def test_healed_model_saves_and_loads_with_identical_logits(tmp_path):
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["mode"])
+def test_healed_model_saves_and_loads_with_identical_logits(tmp_path, mode):
     model, windows, teacher, report = _compressed(0.4)
-    heal(model, teacher, windows, HealConfig(steps=4, lr=3e-3))
+    heal(model, teacher, windows, HealConfig(steps=4, lr=3e-3, **mode))
     out = soco_llm.save_compressed(model, tiny_tokenizer(), tmp_path / "healed", report)
     loaded = soco_llm.load(out)
     x = random_windows(2, 16)
     torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
 
 
-@pytest.mark.parametrize("kw,match", [(dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(steps=2.5), "steps")])
+def test_resuming_with_the_other_mode_is_a_clear_error(tmp_path):
+    model, windows, teacher, _ = _compressed()
+    heal(model, teacher, windows, HealConfig(steps=2, lr=3e-3, checkpoint_every=2, run_dir=str(tmp_path)))
+    with pytest.raises(soco_llm.SocoError, match="trained 'factors', not 'adapter'"):
+        heal(model, teacher, windows, HealConfig(steps=4, mode="adapter", run_dir=str(tmp_path), resume=True))
+    assert all(type(m.A) is torch.nn.Parameter for m in model.modules() if isinstance(m, LowRankLinear))
+
+
+def test_factor_adapters_follow_their_factors_device_and_dtype_and_merge_exactly():
+    from soco_llm.core.factor_adapter import attach_factor_adapters, merge_factor_adapters
+
+    layer = LowRankLinear.from_factors(torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(5, 3, dtype=torch.bfloat16))
+    meta = LowRankLinear(8, 5, 3, device="meta", dtype=torch.bfloat16)
+    params = attach_factor_adapters({"l": layer}, 2, seed=0)
+    assert all(p.dtype == torch.float32 for p in params.values())
+    assert all(p.device.type == "meta" for p in attach_factor_adapters({"m": meta}, 2, seed=0).values())
+    assert meta.A.device.type == "meta" and meta.A.dtype == torch.bfloat16
+    with torch.no_grad():
+        params["l.A.up"].normal_()
+        params["l.B.up"].normal_()
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    y, A, B = layer(x), layer.A.detach().clone(), layer.B.detach().clone()
+    merge_factor_adapters({"l": layer})
+    assert torch.equal(layer.A, A) and torch.equal(layer.B, B) and torch.equal(layer(x), y)
+    assert type(layer) is LowRankLinear and type(layer.A) is torch.nn.Parameter and layer.A.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kw,match", [(dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(steps=2.5), "steps"),
+                                      (dict(mode="lora"), "mode"), (dict(adapter_rank=0), "adapter_rank")])
 def test_bad_heal_settings_are_one_clear_error(kw, match):
     with pytest.raises(soco_llm.SocoError, match=match):
         HealConfig(**kw).validate()
