@@ -108,7 +108,8 @@ def markdown(results: dict) -> str:
                "log-probs + one bucket for the rest), measured in the perplexity pass. Training "
                f"KL: SoCo's last training step; healing's mean over its first / last 10 steps (one 4x256 batch each). "
                f"Healing: {s['heal_steps']} steps of {s['heal_batch_size']}x256 tokens, Adam lr {s['heal_lr']:g}, "
-               "for every method against the same teacher on the same windows.", ""]
+               "for every method against the same teacher on the same windows."
+             + (f" More options: {', '.join(f'`{e}`' for e in s['extra'])}." if s.get("extra") else ""), ""]
     head = ["ratio", "model"] + [f"ppl {TEXT_NAMES.get(t, t)}" for t in texts] + \
         [f"held-out KL {TEXT_NAMES.get(t, t)}" for t in texts] + ["train KL", "compress", "heal", "wall", "peak RSS"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]

@@ -231,3 +231,38 @@ def test_sequential_basis_whitens_on_the_cut_earlier_blocks_and_restores_the_mod
     for n in first:  # block 0 sees the same inputs either way
         torch.testing.assert_close(bases[True][n]["sigma"], bases[False][n]["sigma"])
     assert any(not torch.allclose(bases[True][n]["sigma"], bases[False][n]["sigma"]) for n in later)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_hard_cut_forward_on_kept_components_equals_the_masked_product(dtype, tol):
+    """On the CPU the straight-through forward multiplies only the kept components (KeptProduct); its output and
+    the gradients of x, scores and d equal the full masked product's (the GPU path), cut components included."""
+    from soco_llm.methods.soco.spectral import GateState, SpectralLinear
+
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 12, 10, 8
+    left, right = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
+    sigma, bias = torch.rand(k, generator=g).to(dtype) + 0.5, torch.randn(m, generator=g).to(dtype)
+    gate = GateState(log_theta=torch.tensor(0.1), temperature=0.3, hard=True)
+    layer = SpectralLinear(left, sigma, right, torch.rand(k, generator=g) + 0.5, bias, gate)
+    with torch.no_grad():
+        layer.scores.copy_(torch.rand(k, generator=g) + 0.5)
+        layer.delta.copy_(torch.randn(m, generator=g))
+        layer.mask.copy_((torch.rand(k, generator=g) > 0.4).float())
+    assert 0 < layer.mask.sum() < k
+    x0 = torch.randn(3, 5, n, generator=g).to(dtype)
+    grad_out = torch.randn(3, 5, m, generator=g).to(dtype)
+
+    def run(kept_only):
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        # off: the path every other device takes, the full product with the 0/1 mask in the gate
+        layer.kept_only_on_cpu = kept_only
+        layer(x).backward(grad_out)
+        return layer(x).detach(), x.grad, layer.scores.grad.clone(), layer.delta.grad.clone()
+
+    kept, full = run(True), run(False)
+    for a, b in zip(kept, full):
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+    cut = layer.mask == 0
+    assert (full[2][cut] != 0).all() and (kept[2][cut] != 0).all()  # cut components still get a gradient

@@ -2,7 +2,7 @@
 taken as logits minus their logsumexp, so no vocabulary-sized log-softmax tensor is written.
 
 `benchmarks/train_step.py` times it against `soco_llm.core.teacher.kl_to_teacher` (the full log-softmax);
-on the default model's step it was no faster (benchmarks/results/train_step_cpu.md), so the library kept
+on the default model's step it was no faster (benchmarks/results/train_step_kl_cpu.md), so the library kept
 the simpler form. tests/test_heal.py checks both give the same value and gradient, so the timing compares
 like with like.
 """

@@ -56,7 +56,7 @@ def kl_to_teacher(logits: torch.Tensor, top_logp: torch.Tensor, top_idx: torch.T
     """KL(teacher ‖ student) over the teacher's top-k tokens plus one bucket for the rest.
 
     A full log-softmax, though only k log-probs per position are read: taking them as logits minus their
-    logsumexp was measured no faster on the whole step (benchmarks/results/train_step_cpu.md)."""
+    logsumexp was measured no faster on the whole step (benchmarks/results/train_step_kl_cpu.md)."""
     logq = F.log_softmax(logits[:, :-1].float(), -1)
     q_top = logq.gather(-1, top_idx)
     q_rest = torch.log((1 - q_top.exp().sum(-1)).clamp_min(1e-12))

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...core.adapter import Target, replace_module
@@ -39,6 +40,10 @@ class GateState:
 
 
 class SpectralLinear(nn.Module):
+    # In hard mode on the CPU, multiply only the kept components (benchmarks/train_step.py turns it off to
+    # time the full masked product, which every other device runs).
+    kept_only_on_cpu: bool = True
+
     def __init__(self, left: torch.Tensor, sigma: torch.Tensor, right: torch.Tensor, prior: torch.Tensor,
                  bias: torch.Tensor | None, gate: GateState, dense_cls: type[nn.Module] = nn.Linear):
         super().__init__()
@@ -81,12 +86,55 @@ class SpectralLinear(nn.Module):
         return self.sigma * (self.scores * self.gate()).to(self.sigma.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.linear(x, self.right) * self.gated_sigma()
-        y = torch.nn.functional.linear(h, self.left, self.orig_bias)
+        # Finding the kept components is a host read: free on the CPU, a stall every step on a GPU.
+        kept_only = self.gate_state.hard and self.kept_only_on_cpu and x.device.type == "cpu"
+        y = self.kept_product(x) if kept_only else self.masked_product(x)
         return y + self.delta.to(y.dtype)
+
+    def masked_product(self, x: torch.Tensor) -> torch.Tensor:
+        """B₀ (gated σ ⊙ A₀ x) + bias over every component (cut ones with a gate of 0 in hard mode)."""
+        h = F.linear(x, self.right) * self.gated_sigma()
+        return F.linear(h, self.left, self.orig_bias)
+
+    def kept_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The same in hard mode, multiplying only the components the cut keeps (`KeptProduct`)."""
+        order = torch.argsort(self.mask, descending=True, stable=True)  # kept components first, in σ's order
+        y = KeptProduct.apply(x, self.right, self.left, self.gated_sigma(), order, int(self.mask.sum()))
+        return y if self.orig_bias is None else y + self.orig_bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, components={self.k}"
+
+
+class KeptProduct(torch.autograd.Function):
+    """y = B₀[:, kept] (g[kept] ⊙ (A₀ x)[kept]) with the gradient of every component's g = σ⊙s⊙h.
+
+    The hard cut gives cut components g = 0, so their terms are exact zeros: skipping them changes y only
+    by summation order. Their gradient still flows (straight-through: a cut component can come back), which
+    needs A₀x and B₀ᵀ∂y for all k components; but y and ∂x need only the kept ones, so of the four k-wide
+    products of a step two shrink to the kept width. The components are permuted kept-first in the
+    (small) factors, so the kept activations are a view, never a copy, and g scales the factors, not the
+    activations."""
+
+    @staticmethod
+    def forward(ctx, x, right, left, g, order, n_kept):
+        right, left, g = right[order], left[:, order], g[order]  # gathered once a step, kept for the backward
+        h = F.linear(x.reshape(-1, x.shape[-1]), right)
+        y = F.linear(h[:, :n_kept], left[:, :n_kept] * g[:n_kept])
+        ctx.save_for_backward(h, right, left, g, order)
+        ctx.n_kept = n_kept
+        return y.reshape(*x.shape[:-1], left.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        h, right, left, g, order = ctx.saved_tensors
+        n_kept = ctx.n_kept
+        grad_h = grad_y.reshape(-1, grad_y.shape[-1]) @ left
+        grad_g = torch.empty_like(g).index_copy_(0, order, (h * grad_h).sum(0, dtype=torch.float32).to(g.dtype))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_h[:, :n_kept] @ (right[:n_kept] * g[:n_kept, None])).reshape(*grad_y.shape[:-1], -1)
+        return grad_x, None, None, grad_g, None, None
 
 
 def install_spectral(model: nn.Module, targets: list[Target], basis: dict[str, dict[str, torch.Tensor]],
