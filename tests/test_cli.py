@@ -191,9 +191,16 @@ def test_compress_with_healing_keeps_the_ranks(capsys, model_dir, text_file, tmp
     assert healed["ranks"] == plain["ranks"] and healed["achieved_ratio"] == plain["achieved_ratio"]
     assert healed["config"]["heal"]["steps"] == 3 and healed["config"]["heal"]["final_kl"] is not None
     assert (tmp_path / "healed.heal" / "heal_checkpoint.json").is_file()
-    code, _, err = clirun.run(capsys, *compress_args(model_dir, text_file, tmp_path / "x", "--heal-steps", "-1"))
-    clirun.assert_one_line_error(code, err, "--heal-steps")
-    assert not (tmp_path / "x").exists()
+    code, _, err = run(capsys, *compress_args(model_dir, text_file, tmp_path / "adapted", "--no-eval", "--heal-steps",
+                                              "3", "--heal-lr", "1e-3", "--heal-mode", "adapter", "--heal-adapter-rank", "2"))
+    assert code == 0, err
+    adapted = json.loads((tmp_path / "adapted" / "config.json").read_text())["compression"]
+    assert adapted["ranks"] == plain["ranks"] and adapted["config"]["heal"]["mode"] == "adapter"
+    assert adapted["config"]["heal"]["adapter_rank"] == 2
+    for bad, option in (("-1", "--heal-steps"), ("0", "--heal-adapter-rank")):
+        code, _, err = clirun.run(capsys, *compress_args(model_dir, text_file, tmp_path / "x", option, bad))
+        clirun.assert_one_line_error(code, err, option)
+        assert not (tmp_path / "x").exists()
 
 
 def test_soco_with_healing_reads_its_own_cached_teacher(capsys, model_dir, text_file, tmp_path, monkeypatch):
