@@ -47,11 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--host-memory", choices=["kept", "default"], default="default",
+                   help="kept: freed host memory kept for reuse, as `SOCO_KEEP_HOST_MEMORY=1 soco ...` does "
+                        "(soco_llm.runtime.keep_freed_host_memory); default: glibc's own settings (default)")
     p.add_argument("--variants", nargs="+", default=["library", "full-product"],
                    choices=["library", "full-product", "logsumexp-kl"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from soco_llm.runtime import keep_freed_host_memory
+    host_memory = "kept" if args.host_memory == "kept" and keep_freed_host_memory() else "default"
     import soco_llm.core.teacher as teacher_module
     from soco_llm import SoCoConfig, calibration_windows
     from soco_llm.core.adapter import find_targets
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     hw = hardware_info(str(device))
     lines = ["# SoCo training step, side by side", "",
              f"{utc_now()[:16]} UTC, {hw['cpu']}, {hw['torch_threads']} torch threads, torch {hw['torch']}, "
-             f"device {device}. Command: `{command_line(__file__, argv)}`", "",
+             f"device {device}, host memory {host_memory}. Command: `{command_line(__file__, argv)}`", "",
              f"Default model, SoCo at 0.4 with default step settings ({cfg.batch_size}x{cfg.seq_len} tokens, "
              f"top-{cfg.teacher_topk} teacher), {args.steps} steps per run, {args.repeats} interleaved runs per "
              f"variant (load average at the end: {hw.get('load_average_1min')}).", "",

@@ -15,7 +15,7 @@ from .heal import HealConfig
 from .errors import SocoError
 from .eval.perplexity import EVAL_RULES
 from .methods import METHODS, ASVDConfig, CalibrationConfig, CompressionConfig, Interrupted
-from .runtime import DEVICE_CHOICES, DTYPES
+from .runtime import DEVICE_CHOICES, DTYPES, keep_freed_host_memory
 
 log = logging.getLogger("soco_llm")
 
@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if os.environ.get("SOCO_KEEP_HOST_MEMORY") == "1":  # opt-in: faster CPU steps, higher peak RSS (runtime.py)
+        keep_freed_host_memory()
     try:
         COMMANDS[args.command](args)
     except SocoError as e:

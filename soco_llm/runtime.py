@@ -6,6 +6,7 @@ The library never starts a process group itself: the CLI (or the user's own scri
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -70,3 +71,25 @@ def init_distributed(device: torch.device | None = None) -> None:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+
+
+def keep_freed_host_memory() -> bool:
+    """Serve large host allocations from the heap and keep freed heap for reuse (glibc only; True if applied).
+
+    A CPU training step allocates the same large temporaries every step (the logits, tokens × vocabulary,
+    and their log-probs and gradients). By default glibc maps every block over 32 MiB fresh from the OS and
+    unmaps it when freed, so each step page-faults them in again. Kept, SoCo's step on the default model
+    took a fifth of the page faults and 0.91× the time, but its peak RSS rose by about 0.4 GB (freed blocks
+    of other sizes are not handed back; benchmarks/results/train_step_host_memory.md). So it is opt-in:
+    process-wide, the library never calls it; the CLI does when SOCO_KEEP_HOST_MEMORY=1.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        # Trim only a free top of the heap over 2 GiB (mallopt takes a C int): no step frees that much at once.
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc: its allocator keeps its own counsel
+        return False

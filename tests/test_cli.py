@@ -275,3 +275,22 @@ def test_export_heals_a_soco_run_with_its_cached_teacher(capsys, model_dir, text
                               "--no-eval", "--heal-steps", "2")
     clirun.assert_one_line_error(code, err, "teacher")
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("env,applied", [(None, False), ("1", True)])
+def test_host_memory_is_kept_only_when_asked(capsys, monkeypatch, env, applied):
+    import platform
+
+    import soco_llm.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_host_memory", lambda: calls.append(1) or True)
+    if env is None:
+        monkeypatch.delenv("SOCO_KEEP_HOST_MEMORY", raising=False)
+    else:
+        monkeypatch.setenv("SOCO_KEEP_HOST_MEMORY", env)
+    code, _, err = run(capsys, "info", "/nonexistent-folder")
+    assert code == 2 and len(calls) == int(applied)
+    if platform.libc_ver()[0] == "glibc":  # mallopt takes both settings (in a process of its own: it is global)
+        probe = "from soco_llm.runtime import keep_freed_host_memory as k; raise SystemExit(0 if k() else 1)"
+        assert subprocess.run([sys.executable, "-c", probe]).returncode == 0

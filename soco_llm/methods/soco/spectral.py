@@ -49,7 +49,9 @@ class SpectralLinear(nn.Module):
         super().__init__()
         dtype = left.dtype
         self.out_features, self.in_features = left.shape[0], right.shape[1]
-        self.register_buffer("left", left.contiguous(), persistent=False)  # B₀: m×k
+        # B₀ (m×k) is kept column-major: the CPU's kept-only product gathers its columns every step, and F.linear
+        # reads it as a transposed operand at no cost.
+        self.register_buffer("left", left.t().contiguous().t(), persistent=False)
         self.register_buffer("right", right.contiguous(), persistent=False)  # A₀: k×n
         self.register_buffer("sigma", sigma.to(dtype), persistent=False)
         self.register_buffer("prior", prior.to(torch.float32), persistent=False)
@@ -118,9 +120,11 @@ class KeptProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, right, left, g, order, n_kept):
-        right, left, g = right[order], left[:, order], g[order]  # gathered once a step, kept for the backward
-        h = F.linear(x.reshape(-1, x.shape[-1]), right)
-        y = F.linear(h[:, :n_kept], left[:, :n_kept] * g[:n_kept])
+        h = F.linear(x.reshape(-1, x.shape[-1]), right[order])
+        kept = order[:n_kept]
+        y = F.linear(h[:, :n_kept], left.t()[kept].t() * g[kept])  # rows of B₀ᵀ: a contiguous gather
+        # The permuted factors are gathered again in the backward pass (contiguous rows of A₀ and of the
+        # column-major B₀: cheap) rather than kept: a copy of the whole basis would stay alive until then.
         ctx.save_for_backward(h, right, left, g, order)
         ctx.n_kept = n_kept
         return y.reshape(*x.shape[:-1], left.shape[0])
@@ -129,6 +133,7 @@ class KeptProduct(torch.autograd.Function):
     def backward(ctx, grad_y):
         h, right, left, g, order = ctx.saved_tensors
         n_kept = ctx.n_kept
+        right, left, g = right[order], left.t()[order].t(), g[order]
         grad_h = grad_y.reshape(-1, grad_y.shape[-1]) @ left
         grad_g = torch.empty_like(g).index_copy_(0, order, (h * grad_h).sum(0, dtype=torch.float32).to(g.dtype))
         grad_x = None
