@@ -250,6 +250,15 @@ def heal_section(inputs: Inputs) -> list[str]:
     lines = ["## Healing after the cut: every method with and without it, on two kinds of text", ""]
     data, text = inputs.json("heal/heal_table.json"), inputs.text("heal/heal_table.md")
     lines += [_untitled(text), ""] if data is not None and text is not None else not_measured("heal/heal_table.json")
+    small_step = inputs.text("heal/soco_heal_lr3e-5.md")
+    if small_step:
+        lines += ["### SoCo + healing with a smaller step (lr 3e-5)", "", _untitled(small_step), ""]
+    adapter = inputs.text("heal_adapter/heal_table.md")
+    if adapter:
+        lines += ["### Healing a low-rank adapter on each factor instead (`--heal-mode adapter`)", "", _untitled(adapter), ""]
+    sequential = inputs.text("soco_sequential.md")
+    if sequential:
+        lines += ["### SoCo's sequential basis (`--sequential`)", "", _untitled(sequential), ""]
     first = inputs.text("heal_cli.md")
     return lines + (["### First measurements (40 steps, BoolQ dev only)", "", _untitled(first), ""] if first else [])
 

@@ -82,8 +82,8 @@ def keep_freed_host_memory() -> bool:
     A CPU training step allocates the same large temporaries every step (the logits, tokens × vocabulary,
     and their log-probs and gradients). By default glibc maps every block over 32 MiB fresh from the OS and
     unmaps it when freed, so each step page-faults them in again. Kept, SoCo's step on the default model
-    took a fifth of the page faults and 0.91× the time, but its peak RSS rose by about 0.4 GB (freed blocks
-    of other sizes are not handed back; benchmarks/results/train_step_host_memory.md). So it is opt-in:
+    took a fifth of the page faults and 0.90× the time, but its peak RSS rose by 0.3 GiB, 7 % (freed blocks
+    are no longer handed back; benchmarks/results/train_step_host_memory.md). So it is opt-in:
     process-wide, the library never calls it; the CLI does when SOCO_KEEP_HOST_MEMORY=1.
     """
     try:
