@@ -28,7 +28,9 @@ class FactorUpdate(nn.Module):
         super().__init__()
         rows, cols = factor.shape
         r = max(1, min(rank, rows, cols))
-        down = torch.randn(r, cols, generator=generator, dtype=torch.float32) / math.sqrt(cols)
+        # Drawn by a host generator, then moved beside its factor: the same draw on every device (a resumed
+        # run must rebuild the same adapters), and meta tensors have no generator of their own.
+        down = torch.randn(r, cols, generator=generator, dtype=torch.float32, device="cpu") / math.sqrt(cols)
         self.down = nn.Parameter(down.to(factor.device))
         self.up = nn.Parameter(torch.zeros(rows, r, dtype=torch.float32, device=factor.device))
 
