@@ -42,9 +42,12 @@ TEXT_NAMES = {"bundled": "BoolQ dev", "pubmed": "PubMedQA"}
 
 def soco_command(method: str, ratio: float, args, out: Path) -> list[str]:
     cmd = ["soco", "compress", "--method", method, "--ratio", f"{ratio:g}", "--out", str(out), "--overwrite",
-           "--heal-steps", str(args.heal_steps), "--heal-lr", f"{args.heal_lr:g}",
-           "--heal-batch-size", str(args.heal_batch_size), "--eval-data", *args.eval_data,
-           "--eval-windows", str(args.eval_windows)]
+           "--heal-steps", str(args.heal_steps), "--heal-batch-size", str(args.heal_batch_size),
+           "--eval-data", *args.eval_data, "--eval-windows", str(args.eval_windows)]
+    if args.heal_lr is not None:
+        cmd += ["--heal-lr", f"{args.heal_lr:g}"]
+    if args.heal_schedule is not None:
+        cmd += ["--heal-schedule", args.heal_schedule]
     if method == "soco" and args.quick:
         cmd.append("--quick")
     for option in ("model", "calib"):
@@ -107,28 +110,29 @@ def markdown(results: dict) -> str:
              + ". Held-out KL: mean per-token KL(dense ‖ model) on those windows of each text (the dense model's top-128 "
                "log-probs + one bucket for the rest), measured in the perplexity pass. Training "
                f"KL: SoCo's last training step; healing's mean over its first / last 10 steps (one 4x256 batch each). "
-               f"Healing: {s['heal_steps']} steps of {s['heal_batch_size']}x256 tokens, Adam lr {s['heal_lr']:g}, "
-               "for every method against the same teacher on the same windows."
+               f"Healing: {s['heal_steps']} steps of {s['heal_batch_size']}x256 tokens, Adam at the row's learning "
+               "rate and schedule (`heal lr`), for every method against the same teacher on the same windows."
              + (f" More options: {', '.join(f'`{e}`' for e in s['extra'])}." if s.get("extra") else ""), ""]
     head = ["ratio", "model"] + [f"ppl {TEXT_NAMES.get(t, t)}" for t in texts] + \
-        [f"held-out KL {TEXT_NAMES.get(t, t)}" for t in texts] + ["train KL", "compress", "heal", "wall", "peak RSS"]
+        [f"held-out KL {TEXT_NAMES.get(t, t)}" for t in texts] + ["train KL", "heal lr", "compress", "heal", "wall", "peak RSS"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     rows = sorted(results["rows"].values(), key=lambda r: (r["ratio"], r["method"] != "svd-llm"))
     if rows:
         dense = rows[0]["eval"]["dense"]
         lines.append("| — | dense | " + " | ".join(_cell(dense[t]["perplexity"]) for t in texts) + " | "
-                     + " | ".join("0" for _ in texts) + " | — | — | — | — | — |")
+                     + " | ".join("0" for _ in texts) + " | — | — | — | — | — | — |")
     for r in rows:
         heal, ev = r["heal"], r["eval"]
         train_before = r["final_train"]["kl"] if r.get("final_train") else None
-        for stage, name, train, heal_s, wall, rss in (
+        heal_lr = f"{heal['lr']:g}" + (f" {heal['schedule']}" if heal.get("schedule", "constant") != "constant" else "")
+        for stage, name, train, lr, heal_s, wall, rss in (
                 ("before_heal", r["method"], train_before if train_before is not None else heal["kl_first_10"],
-                 None, None, None),
-                ("compressed", f"**{r['method']} + heal**", heal["kl_last_10"], heal["seconds"], r["wall_s"],
-                 r["peak_rss_mib"])):
+                 "—", None, None, None),
+                ("compressed", f"**{r['method']} + heal**", heal["kl_last_10"], heal_lr, heal["seconds"],
+                 r["wall_s"], r["peak_rss_mib"])):
             cells = [f"{r['ratio']:g}", name] + [_cell(ev[stage][t]["perplexity"]) for t in texts] + \
                 [_cell(ev[stage][t]["kl"], "{:.3f}") for t in texts] + \
-                [_cell(train, "{:.3f}"), f"{r['compress_s']:.0f} s", _cell(heal_s, "{:.0f} s"),
+                [_cell(train, "{:.3f}"), lr, f"{r['compress_s']:.0f} s", _cell(heal_s, "{:.0f} s"),
                  _cell(wall and wall / 60, "{:.1f} min"), _cell(rss and rss / 1024, "{:.2f} GiB")]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Train KL of an unhealed SVD-LLM row: healing's first 10 steps (before they have moved much); "
@@ -147,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["svd-llm", "soco"])
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
     p.add_argument("--heal-steps", type=int, default=60)
-    p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--heal-lr", type=float, default=None, help="default: each method's own (soco compress's)")
+    p.add_argument("--heal-schedule", choices=["constant", "cosine"], default=None,
+                   help="default: each method's own (soco compress's)")
     p.add_argument("--heal-batch-size", type=int, default=4)
     p.add_argument("--eval-data", nargs="+", default=["bundled", "pubmed"])
     p.add_argument("--eval-windows", type=int, default=24)
@@ -166,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
     # Methods and ratios are not settings: a later --resume run may add rows of others to the same table.
-    settings = {k: getattr(args, k) for k in ("heal_steps", "heal_lr", "heal_batch_size", "eval_data", "eval_windows",
-                                              "quick", "model", "calib", "extra")}
+    settings = {k: getattr(args, k) for k in ("heal_steps", "heal_lr", "heal_schedule", "heal_batch_size",
+                                              "eval_data", "eval_windows", "quick", "model", "calib", "extra")}
     path = args.out_dir / f"{STEM}.json"
     results = runner.start(path, {"settings": settings, "environment": environment(__file__, argv), "rows": {}},
                            args.resume, "heal_table.py")

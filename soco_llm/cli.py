@@ -37,10 +37,17 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_heal_args(p: argparse.ArgumentParser) -> None:
     rules = HealConfig.rules
-    p.add_argument("--heal-steps", type=option_type(int, rules["steps"]), default=0,
+    soco_heal = METHODS["soco"]().heal_defaults()
+    p.add_argument("--heal-steps", type=option_type(int, rules["steps"]), default=None,
                    help="after the cut, train the kept factors this many steps by KL to the dense model (0: off); "
-                        "checkpoints in OUT.heal, continued with --resume")
-    p.add_argument("--heal-lr", type=option_type(float, rules["lr"]), default=HealConfig.lr)
+                        f"checkpoints in OUT.heal, continued with --resume (default: {soco_heal['steps']} for SoCo, "
+                        "whole-model and not --quick; 0 for the other methods)")
+    p.add_argument("--heal-lr", type=option_type(float, rules["lr"]), default=None,
+                   help=f"healing's learning rate (default: {soco_heal['lr']:g} for SoCo, {HealConfig.lr:g} for the "
+                        "other methods)")
+    p.add_argument("--heal-schedule", choices=rules["schedule"].choices, default=HealConfig.schedule,
+                   help="healing's learning rate over its steps: constant, or cosine (a short warm-up, then down "
+                        f"to 0) (default {HealConfig.schedule})")
     p.add_argument("--heal-batch-size", type=option_type(int, rules["batch_size"]), default=HealConfig.batch_size)
     p.add_argument("--heal-mode", choices=rules["mode"].choices, default=HealConfig.mode,
                    help="what healing trains: the kept factors themselves, or a low-rank adapter on each factor, "

@@ -51,10 +51,13 @@ def soco_caches_heal_teacher(config, seed: int) -> bool:
     return (config.num_samples, config.seq_len, config.seed, config.teacher_topk) == wanted
 
 
-def heal_config(args, seed: int) -> HealConfig:
-    """Healing's settings from the command line; checkpoints in OUT.heal."""
-    cfg = HealConfig(steps=args.heal_steps, lr=args.heal_lr, batch_size=args.heal_batch_size, seed=seed,
-                     mode=args.heal_mode, adapter_rank=args.heal_adapter_rank,
+def heal_config(args, seed: int, defaults: dict) -> HealConfig:
+    """Healing's settings from the command line, where it gives them, else the method's `defaults`
+    (`heal_defaults()` of its config), else HealConfig's (off); checkpoints in OUT.heal."""
+    given = {"steps": args.heal_steps, "lr": args.heal_lr}
+    chosen = {k: v if v is not None else defaults.get(k, getattr(HealConfig, k)) for k, v in given.items()}
+    cfg = HealConfig(**chosen, schedule=args.heal_schedule,
+                     batch_size=args.heal_batch_size, seed=seed, mode=args.heal_mode, adapter_rank=args.heal_adapter_rank,
                      run_dir=str(Path(args.out).with_name(Path(args.out).name + ".heal")), resume=args.resume)
     cfg.validate()  # its numbers were checked as options; this checks the rest
     step = heal_checkpoint_step(Path(cfg.run_dir)) if cfg.steps else None

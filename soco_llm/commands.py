@@ -115,7 +115,7 @@ def cmd_compress(args) -> None:
         raise SocoError("--baseline compares perplexities; drop --no-eval")
     check_eval_data(args)
     check_out(args.out, args.overwrite, args.model, getattr(config, "run_dir", None))
-    heal_cfg = heal_config(args, args.seed)
+    heal_cfg = heal_config(args, args.seed, {} if preset == "quick" else config.heal_defaults())  # quick: short
     init_distributed(device)  # under torchrun / accelerate launch; a no-op otherwise
     main_process = is_main_process()
     model, tok = load_model(args.model, args.dtype, device)
@@ -176,12 +176,11 @@ def cmd_export(args) -> None:
     cfg, _ = run_config(args.run)  # run.json readable and valid, before the model is loaded
     check_eval_data(args)
     check_out(args.out, args.overwrite, args.run)
-    heal_cfg = None
-    if args.heal_steps:
-        heal_cfg = heal_config(args, cfg.seed)
+    heal_cfg = heal_config(args, cfg.seed, cfg.heal_defaults())  # SoCo's own healing, as `compress` gives it
+    if heal_cfg.steps:
         teacher = run_teacher(Path(args.run))
     model, tok, report = export_from_run(args.run, args.ratio, device=device)
-    if heal_cfg is not None:
+    if heal_cfg.steps:
         heal_stage(model, tok, report, args, heal_cfg, teacher, teacher.windows, None, [], True)
     print(report.summary())
     _finish(model, tok, report, args)

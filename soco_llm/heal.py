@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "heal_checkpoint.safetensors"
 CHECKPOINT_META = "heal_checkpoint.json"
 MODES = ("factors", "adapter")
+SCHEDULES = ("constant", "cosine")
 _STREAM = 500_009  # healing draws its own batches, apart from SoCo's training stream of the same seed
 
 
@@ -44,10 +46,12 @@ class HealConfig:
 
     rules: ClassVar[dict[str, Rule]] = {"steps": at_least(0, note="0: off"), "lr": above(0),
                                         "batch_size": at_least(1), "checkpoint_every": at_least(1), "seed": SEED,
-                                        "mode": one_of(*MODES), "adapter_rank": at_least(1)}
+                                        "mode": one_of(*MODES), "adapter_rank": at_least(1),
+                                        "schedule": one_of(*SCHEDULES)}
 
     steps: int = 0
     lr: float = 1e-4
+    schedule: str = "constant"  # "cosine": a linear warm-up over the first 5 % of the steps, then down to 0
     batch_size: int = 4
     seed: int = 0
     checkpoint_every: int = 20
@@ -137,6 +141,16 @@ def heal(model: nn.Module, teacher: Teacher, windows: torch.Tensor, cfg: HealCon
         merge_factor_adapters(layers)  # plain factors again, whatever happened (a no-op for "factors")
 
 
+def step_lr(cfg: HealConfig, step: int) -> float:
+    """The learning rate of step `step` (0-based): a function of the step alone, so a resumed run has the same."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warmup = max(1, cfg.steps // 20)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
+
+
 def _train(model: nn.Module, params: dict[str, nn.Parameter], teacher: Teacher, windows: torch.Tensor,
            cfg: HealConfig) -> list[dict]:
     """The healing loop over `params`, from the checkpoint when resuming; returns the per-step KL history."""
@@ -156,6 +170,8 @@ def _train(model: nn.Module, params: dict[str, nn.Parameter], teacher: Teacher, 
         kl = batch_loss(torch.Generator().manual_seed(cfg.seed * 1_000_003 + _STREAM + step), rank, size)
         opt.zero_grad(set_to_none=True)
         kl.backward()
+        for group in opt.param_groups:
+            group["lr"] = step_lr(cfg, step)
         if size > 1:
             for p in params.values():
                 dist.all_reduce(p.grad)

@@ -203,6 +203,23 @@ def test_compress_with_healing_keeps_the_ranks(capsys, model_dir, text_file, tmp
         assert not (tmp_path / "x").exists()
 
 
+def test_soco_heals_by_default_and_the_other_methods_do_not(tmp_path):
+    from soco_llm.cli import build_parser
+    from soco_llm.command_stages import heal_config
+    from soco_llm.methods import SoCoConfig, SVDLLMConfig
+
+    def chosen(config, *options):
+        args = build_parser().parse_args(["compress", "--method", config.method, "--ratio", "0.4", "--out",
+                                          str(tmp_path / "o"), *options])
+        cfg = heal_config(args, 0, config.heal_defaults())
+        return cfg.steps, cfg.lr
+
+    assert chosen(SoCoConfig()) == (60, 3e-5)  # measured: benchmarks/results/heal/
+    assert chosen(SoCoConfig(blockwise=True))[0] == 0  # no cached teacher; for models whose whole run does not fit
+    assert chosen(SVDLLMConfig()) == (0, 1e-4) and chosen(SVDLLMConfig(), "--heal-steps", "5") == (5, 1e-4)
+    assert chosen(SoCoConfig(), "--heal-steps", "0", "--heal-lr", "1e-4") == (0, 1e-4)  # the user's word wins
+
+
 def test_soco_with_healing_reads_its_own_cached_teacher(capsys, model_dir, text_file, tmp_path, monkeypatch):
     import soco_llm.commands as commands
     import soco_llm.methods.soco.whole_model as whole_model

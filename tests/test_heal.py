@@ -7,7 +7,7 @@ import soco_llm
 import soco_llm.core.teacher as teacher_module
 from soco_llm.core.layer import LowRankLinear
 from soco_llm.core.teacher import kl_to_teacher, teacher_cache
-from soco_llm.heal import HealConfig, heal
+from soco_llm.heal import HealConfig, heal, step_lr
 from tiny import random_windows, tiny_model, tiny_tokenizer
 
 
@@ -25,10 +25,11 @@ def _kl(model, windows, teacher):
                                    teacher.rest_logp))
 
 
-MODES = [dict(mode="factors"), dict(mode="adapter", adapter_rank=4)]
+MODES = [dict(mode="factors"), dict(mode="adapter", adapter_rank=4), dict(mode="factors", schedule="cosine")]
+MODE_IDS = ["factors", "adapter", "factors-cosine"]
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["mode"])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_healing_lowers_the_kl_and_keeps_ranks_and_ratio(mode):
     model, windows, teacher, report = _compressed()
     shapes = {n: (m.A.shape, m.B.shape) for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
@@ -44,7 +45,7 @@ def test_healing_lowers_the_kl_and_keeps_ranks_and_ratio(mode):
     assert all(not p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["mode"])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_interrupted_healing_resumes_to_the_same_factors(tmp_path, monkeypatch, mode):
     def run(name, interrupt_at=None, resume=False):
         model, windows, teacher, _ = _compressed()
@@ -73,7 +74,7 @@ def test_interrupted_healing_resumes_to_the_same_factors(tmp_path, monkeypatch, 
     torch.testing.assert_close(resumed(input_ids=x).logits, full(input_ids=x).logits, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["mode"])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_healed_model_saves_and_loads_with_identical_logits(tmp_path, mode):
     model, windows, teacher, report = _compressed(0.4)
     heal(model, teacher, windows, HealConfig(steps=4, lr=3e-3, **mode))
@@ -111,10 +112,20 @@ def test_factor_adapters_follow_their_factors_device_and_dtype_and_merge_exactly
 
 
 @pytest.mark.parametrize("kw,match", [(dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(steps=2.5), "steps"),
-                                      (dict(mode="lora"), "mode"), (dict(adapter_rank=0), "adapter_rank")])
+                                      (dict(mode="lora"), "mode"), (dict(adapter_rank=0), "adapter_rank"),
+                                      (dict(schedule="linear"), "schedule")])
 def test_bad_heal_settings_are_one_clear_error(kw, match):
     with pytest.raises(soco_llm.SocoError, match=match):
         HealConfig(**kw).validate()
+
+
+def test_cosine_schedule_warms_up_peaks_and_decays_to_zero():
+    cfg = HealConfig(steps=100, lr=1e-3, schedule="cosine")
+    lrs = [step_lr(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-3 / 5) and lrs[4] == pytest.approx(1e-3)  # warm-up: the first 5 % of steps
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # then never up again
+    assert lrs[-1] < 1e-5 and lrs[52] == pytest.approx(5e-4, rel=0.05)
+    assert {step_lr(HealConfig(steps=100, lr=1e-3), s) for s in range(100)} == {1e-3}
 
 
 def test_healing_an_uncompressed_model_is_a_clear_error():

@@ -70,6 +70,11 @@ class CompressionConfig:
         statistics "xtx", "abs_mean", "fisher". Empty: data-free."""
         return frozenset({"windows"}) if self.sequential else frozenset()
 
+    def heal_defaults(self) -> dict:
+        """The healing settings (HealConfig fields) this method gets where the user gives none: none, so no
+        healing. The method's paper result is what it is without it."""
+        return {}
+
     def calibration(self, source: str = "bundled", seed: int = 0, num_samples: int | None = None,
                     seq_len: int | None = None, batch_size: int | None = None) -> CalibrationConfig:
         """The calibration windows this config wants: the sizes given, else 32 windows of 512 in batches of 8."""
