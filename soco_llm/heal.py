@@ -184,7 +184,8 @@ def _train(model: nn.Module, params: dict[str, nn.Parameter], teacher: Teacher, 
                 if v != v or v in (float("inf"), float("-inf")):
                     raise SocoError(f"the healing loss became NaN/inf at step {s + 1}; heal again with a lower "
                                     f"learning rate (e.g. --heal-lr {cfg.lr / 10:g})"
-                                    + (f"; the checkpoint in {run_dir} is the last good state" if run_dir else ""))
+                                    + (f"; the checkpoint in {run_dir} is the last good state: add --resume to "
+                                       "continue from it" if run_dir else ""))
                 history.append({"step": s + 1, "kl": v})
             pending.clear()
             bar.set_postfix(kl=f"{history[-1]['kl']:.3f}")

@@ -7,7 +7,7 @@ import soco_llm
 import soco_llm.core.teacher as teacher_module
 from soco_llm.core.layer import LowRankLinear
 from soco_llm.core.teacher import kl_to_teacher, teacher_cache
-from soco_llm.heal import HealConfig, heal, step_lr
+from soco_llm.heal import HealConfig, heal, heal_checkpoint_step, step_lr
 from tiny import random_windows, tiny_model, tiny_tokenizer
 
 
@@ -82,6 +82,26 @@ def test_healed_model_saves_and_loads_with_identical_logits(tmp_path, mode):
     loaded = soco_llm.load(out)
     x = random_windows(2, 16)
     torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_a_nan_loss_keeps_the_last_good_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch):
+    model, windows, teacher, _ = _compressed()
+    cfg = HealConfig(steps=6, lr=3e-3, checkpoint_every=2, run_dir=str(tmp_path))
+    real, calls = teacher_module.kl_to_teacher, {"n": 0}
+
+    def nan_at_step_3(*a):
+        calls["n"] += 1
+        return real(*a) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    monkeypatch.setattr(teacher_module, "kl_to_teacher", nan_at_step_3)
+    with pytest.raises(soco_llm.SocoError, match="NaN/inf at step 3.*last good state: add --resume"):
+        heal(model, teacher, windows, cfg)
+    monkeypatch.undo()
+    assert heal_checkpoint_step(tmp_path) == 2  # the step-4 state (NaN in it) was never written
+    model, windows, teacher, _ = _compressed()
+    history = heal(model, teacher, windows, HealConfig(steps=6, lr=3e-3, checkpoint_every=2, run_dir=str(tmp_path),
+                                                       resume=True))
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6] and all(h["kl"] == h["kl"] for h in history)
 
 
 def test_resuming_with_the_other_mode_is_a_clear_error(tmp_path):
