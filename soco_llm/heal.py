@@ -2,8 +2,9 @@
 model's cached teacher, for any method's compressed model. The ranks, and so the size and the ratio, do
 not change: only the values of the factors the cut kept.
 
-`mode` says what trains: the factors themselves ("factors"), or a low-rank adapter on each factor,
-merged back exactly at the end ("adapter", core/factor_adapter.py); both leave the same shapes.
+`mode` says what trains: the factors themselves ("factors"; float32 master copies of a bf16 / fp16
+model's), or a low-rank adapter on each factor, merged back exactly at the end ("adapter"), both in
+core/factor_adapter.py; both leave the same shapes.
 Checkpointed and resumable like SoCo's training: each step's batch comes from a
 generator seeded by (seed, step), so a resumed run ends where an uninterrupted one does.
 """
@@ -24,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import SEED, Rule, above, at_least, check_fields, one_of
-from .core.factor_adapter import attach_factor_adapters, merge_factor_adapters
+from .core.factor_adapter import attach_factor_adapters, attach_factor_masters, merge_factor_parametrizations
 from .core.layer import LowRankLinear
 from .core.teacher import Teacher, kl_batch_loss
 from .errors import SocoError
@@ -69,11 +70,6 @@ def factor_layers(model: nn.Module) -> dict[str, LowRankLinear]:
     if not layers:
         raise SocoError("healing needs a compressed model (LowRankLinear layers); compress it first")
     return layers
-
-
-def _params(layers: dict[str, LowRankLinear]) -> dict[str, nn.Parameter]:
-    return {f"{name}.{k}": p for name, m in layers.items() for k, p in (("A", m.A), ("B", m.B), ("bias", m.bias))
-            if p is not None}
 
 
 def _save(run_dir: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
@@ -132,13 +128,14 @@ def heal(model: nn.Module, teacher: Teacher, windows: torch.Tensor, cfg: HealCon
     model.eval()  # deterministic passes: the student must match the teacher's
     for p in model.parameters():
         p.requires_grad_(False)
-    params = _params(layers) if cfg.mode == "factors" else attach_factor_adapters(layers, cfg.adapter_rank, cfg.seed)
+    params = (attach_factor_masters(layers) if cfg.mode == "factors"
+              else attach_factor_adapters(layers, cfg.adapter_rank, cfg.seed))
     try:
         return _train(model, params, teacher, windows, cfg)
     finally:
         for p in params.values():
             p.requires_grad_(False)
-        merge_factor_adapters(layers)  # plain factors again, whatever happened (a no-op for "factors")
+        merge_factor_parametrizations(layers)  # plain factors again, whatever happened
 
 
 def step_lr(cfg: HealConfig, step: int) -> float:

@@ -21,7 +21,7 @@ def _compressed(ratio=0.6):
 
 def _kl(model, windows, teacher):
     with torch.no_grad():
-        return float(kl_to_teacher(model(input_ids=windows).logits, teacher.top_logp, teacher.top_idx,
+        return float(kl_to_teacher(model(input_ids=windows).logits.float(), teacher.top_logp, teacher.top_idx,
                                    teacher.rest_logp))
 
 
@@ -113,7 +113,7 @@ def test_resuming_with_the_other_mode_is_a_clear_error(tmp_path):
 
 
 def test_factor_adapters_follow_their_factors_device_and_dtype_and_merge_exactly():
-    from soco_llm.core.factor_adapter import attach_factor_adapters, merge_factor_adapters
+    from soco_llm.core.factor_adapter import attach_factor_adapters, merge_factor_parametrizations
 
     layer = LowRankLinear.from_factors(torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(5, 3, dtype=torch.bfloat16))
     meta = LowRankLinear(8, 5, 3, device="meta", dtype=torch.bfloat16)
@@ -126,9 +126,39 @@ def test_factor_adapters_follow_their_factors_device_and_dtype_and_merge_exactly
         params["l.B.up"].normal_()
     x = torch.randn(4, 8, dtype=torch.bfloat16)
     y, A, B = layer(x), layer.A.detach().clone(), layer.B.detach().clone()
-    merge_factor_adapters({"l": layer})
+    merge_factor_parametrizations({"l": layer})
     assert torch.equal(layer.A, A) and torch.equal(layer.B, B) and torch.equal(layer(x), y)
     assert type(layer) is LowRankLinear and type(layer.A) is torch.nn.Parameter and layer.A.dtype == torch.bfloat16
+
+
+def test_factor_masters_keep_steps_below_bf16_spacing_and_merge_to_the_model_dtype():
+    from soco_llm.core.factor_adapter import attach_factor_masters, merge_factor_parametrizations
+
+    ones = torch.ones(3, 8, dtype=torch.bfloat16)
+    layer = LowRankLinear.from_factors(ones.clone(), torch.ones(5, 3, dtype=torch.bfloat16))
+    params = attach_factor_masters({"l": layer})
+    assert set(params) == {"l.A", "l.B"} and all(p.dtype == torch.float32 for p in params.values())
+    with torch.no_grad():
+        for _ in range(100):  # each step 1e-4, under bf16's spacing at 1.0 (2^-7): a bf16 factor would stay 1.0
+            params["l.A"].add_(1e-4)
+    assert torch.equal(layer.A, (ones.float() + 0.01).to(torch.bfloat16))  # the layer reads the master, cast
+    merge_factor_parametrizations({"l": layer})
+    assert type(layer.A) is torch.nn.Parameter and layer.A.dtype == torch.bfloat16 and layer.A.shape == (3, 8)
+    assert torch.equal(layer.A, (ones.float() + 0.01).to(torch.bfloat16)) and not torch.equal(layer.A, ones)
+    fp32 = LowRankLinear.from_factors(torch.randn(3, 8), torch.randn(5, 3))
+    assert attach_factor_masters({"f": fp32})["f.A"] is fp32.A  # float32 factors train as they are
+    meta = LowRankLinear(8, 5, 3, device="meta", dtype=torch.bfloat16)
+    assert all(p.device.type == "meta" for p in attach_factor_masters({"m": meta}).values())
+
+
+def test_a_bf16_model_heals_and_stays_bf16():
+    model, windows, teacher, _ = _compressed()
+    model.to(torch.bfloat16)
+    keys = set(model.state_dict())
+    before = _kl(model, windows, teacher)
+    heal(model, teacher, windows, HealConfig(steps=30, lr=3e-3, batch_size=4))
+    assert _kl(model, windows, teacher) < 0.8 * before
+    assert set(model.state_dict()) == keys and all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 @pytest.mark.parametrize("kw,match", [(dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(steps=2.5), "steps"),

@@ -1,11 +1,16 @@
-"""A low-rank adapter on the factors of a `LowRankLinear`, for healing: A ← A + Uₐ·Vₐ and B ← B + U_b·V_b.
+"""What healing trains on the factors of a `LowRankLinear`, as parametrizations of them, folded back at the end.
 
-Each factor gets its own update of rank ≤ `rank` (LoRA on each factor, as SVD-LLM heals its U and V),
-so merging it back is exact and leaves the layer's shapes, and so the compressed size, unchanged;
-an update of the product B·A instead would raise its rank. The update is a parametrization of the
-factor: the layer's forward pass is untouched, and `merge_factor_adapters` folds it into the factor.
-U starts at zero, so healing starts from the cut model. The adapter trains in float32 whatever
-the model's dtype (Adam on bf16 numbers loses small updates) and follows its factor's device.
+- A low-rank adapter (heal mode "adapter"): A ← A + Uₐ·Vₐ and B ← B + U_b·V_b. Each factor gets its
+  own update of rank ≤ `rank` (LoRA on each factor, as SVD-LLM heals its U and V), so merging it back
+  is exact and leaves the layer's shapes, and so the compressed size, unchanged; an update of the
+  product B·A instead would raise its rank. U starts at zero, so healing starts from the cut model.
+- The factors themselves (heal mode "factors"): a float32 factor trains as it is; a bf16 / fp16 one
+  trains as a float32 master copy that the layer reads cast to its dtype (mixed precision's master
+  weights), since Adam's small steps are rounded away on bf16 numbers (at lr 3e-5 a step is below
+  the spacing of bf16 numbers near most weights).
+
+The layer's forward pass is untouched, every trained tensor is float32 and follows its factor's
+device, and `merge_factor_parametrizations` leaves plain factors of the model's dtype again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch.nn.utils import parametrize
 from .layer import LowRankLinear
 
 FACTORS = ("A", "B")
+TENSORS = (*FACTORS, "bias")  # what factor healing trains
 
 
 class FactorUpdate(nn.Module):
@@ -38,6 +44,38 @@ class FactorUpdate(nn.Module):
         return factor + (self.up @ self.down).to(factor.dtype)
 
 
+class FactorMaster(nn.Module):
+    """X ↦ master in X's dtype, `master` a float32 copy of the factor. The factor's own storage is
+    dropped while it is attached (`right_inverse` keeps an empty tensor): the master holds its values."""
+
+    def __init__(self, factor: torch.Tensor):
+        super().__init__()
+        self.master = nn.Parameter(factor.detach().float().clone())
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.master.to(original.dtype)
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value.new_empty(0)
+
+
+def attach_factor_masters(layers: dict[str, LowRankLinear]) -> dict[str, nn.Parameter]:
+    """The float32 tensors factor healing trains, by name (`layer.A`, `layer.B`, `layer.bias`): a float32
+    factor itself, a float32 master copy (a parametrization) of a factor in another dtype."""
+    params: dict[str, nn.Parameter] = {}
+    for name, layer in layers.items():
+        for t in TENSORS:
+            p = getattr(layer, t)
+            if p is None:
+                continue
+            if p.dtype != torch.float32:
+                master = FactorMaster(p)
+                parametrize.register_parametrization(layer, t, master)
+                p = master.master
+            params[f"{name}.{t}"] = p
+    return params
+
+
 def attach_factor_adapters(layers: dict[str, LowRankLinear], rank: int, seed: int) -> dict[str, nn.Parameter]:
     """Give every layer's A and B an update of rank ≤ `rank`; returns the adapters' parameters by name
     (`layer.A.up`, ...), the only ones that train. The random halves are drawn from `seed`, so a resumed
@@ -53,9 +91,10 @@ def attach_factor_adapters(layers: dict[str, LowRankLinear], rank: int, seed: in
 
 
 @torch.no_grad()
-def merge_factor_adapters(layers: dict[str, LowRankLinear]) -> None:
-    """Fold every update into its factor (exact) and remove the adapters: plain LowRankLinear layers again."""
+def merge_factor_parametrizations(layers: dict[str, LowRankLinear]) -> None:
+    """Fold every adapter or master copy into its factor (an adapter exactly; a master rounded to the
+    factor's dtype) and remove it: plain LowRankLinear layers again."""
     for layer in layers.values():
-        for f in FACTORS:
-            if parametrize.is_parametrized(layer, f):
-                parametrize.remove_parametrizations(layer, f, leave_parametrized=True)
+        for t in TENSORS:
+            if parametrize.is_parametrized(layer, t):
+                parametrize.remove_parametrizations(layer, t, leave_parametrized=True)
