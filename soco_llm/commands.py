@@ -115,7 +115,7 @@ def cmd_compress(args) -> None:
         raise SocoError("--baseline compares perplexities; drop --no-eval")
     check_eval_data(args)
     check_out(args.out, args.overwrite, args.model, getattr(config, "run_dir", None))
-    heal_cfg = heal_config(args, args.seed, {} if preset == "quick" else config.heal_defaults())  # quick: short
+    heal_cfg = heal_config(args, args.seed, config.heal_defaults())
     init_distributed(device)  # under torchrun / accelerate launch; a no-op otherwise
     main_process = is_main_process()
     model, tok = load_model(args.model, args.dtype, device)

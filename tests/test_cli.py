@@ -216,6 +216,7 @@ def test_soco_heals_by_default_and_the_other_methods_do_not(tmp_path):
 
     assert chosen(SoCoConfig()) == (60, 3e-5)  # measured: benchmarks/results/heal/
     assert chosen(SoCoConfig(blockwise=True))[0] == 0  # no cached teacher; for models whose whole run does not fit
+    assert chosen(SoCoConfig(**SoCoConfig.presets["quick"]))[0] == 0  # a short run asked for (and its export)
     assert chosen(SVDLLMConfig()) == (0, 1e-4) and chosen(SVDLLMConfig(), "--heal-steps", "5") == (5, 1e-4)
     assert chosen(SoCoConfig(), "--heal-steps", "0", "--heal-lr", "1e-4") == (0, 1e-4)  # the user's word wins
 

@@ -88,7 +88,9 @@ class SoCoConfig(CompressionConfig):
         # lowered the perplexity of both held-out texts at 0.2, 0.4 and 0.6, where lr 1e-4 raised PubMedQA's
         # at 0.4 (SoCo's cut is already near the dense model: a large step over-fits the calibration text).
         # A block-wise run is for models whose whole-model training does not fit, and caches no teacher: off.
-        return {} if self.blockwise else {"steps": 60, "lr": 3e-5}
+        # So is a --quick run (its settings are the preset's): a short run asked for, `soco export` of one too.
+        quick = all(getattr(self, k) == v for k, v in self.presets["quick"].items())
+        return {} if self.blockwise or quick else {"steps": 60, "lr": 3e-5}
 
     def preflight(self) -> None:
         """The run folder must be usable as asked (fresh, or resumable with --resume); see run_state.py."""
