@@ -104,7 +104,9 @@ def markdown(results: dict) -> str:
              f"{env['cpu']}, {env['usable_cpus']} usable CPUs, torch {env['torch']}. Commands (rows of a later "
              "one are added to the earlier ones', same settings): "
              + "; then ".join(f"`{r['command']}` ({r['date'][:16]} UTC, commit {(r.get('git_commit') or '?')[:10]})"
-                              for r in [*env.get("earlier_runs", []), env]), "",
+                              for r in [*env.get("earlier_runs", []), env])
+             + "".join(f" Note on the run of {r['date'][:16]} UTC: {r['note']}."
+                       for r in [*env.get("earlier_runs", []), env] if r.get("note")), "",
              f"Perplexity on the first {s['eval_windows']} held-out windows of 512 tokens of each text: "
              + ", ".join(f"{TEXT_NAMES.get(t, t)} (`--eval-data {t}`)" for t in texts)
              + ". Held-out KL: mean per-token KL(dense ‖ model) on those windows of each text (the dense model's top-128 "

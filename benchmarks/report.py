@@ -46,8 +46,8 @@ COMMANDS = {
     "decode_profile_cpu.md": "OMP_NUM_THREADS=1 python benchmarks/decode_profile.py --ratio 0.4 --threads 1 "
                              "--new-tokens 64 --json benchmarks/results/decode_profile_cpu.json "
                              "--markdown benchmarks/results/decode_profile_cpu.md",
-    "heal/heal_table.json": "python benchmarks/heal_table.py --ratios 0.4 --heal-steps 60 --out-dir "
-                            "benchmarks/results/heal, then --ratios 0.2 0.6 --resume",
+    "heal/heal_table.json": "python benchmarks/heal_table.py --ratios 0.2 0.4 0.6 --heal-steps 60 --out-dir "
+                            "benchmarks/results/heal --jobs 2 --threads 1",
     "speed_cpu_360m.md": "OMP_NUM_THREADS=1 python benchmarks/speed.py --model shape:smollm2-360m --ratios 0.4 "
                          "--threads 1 --repeats 3 --prefill-lengths 128 --processes 3 "
                          "--json benchmarks/results/speed_cpu_360m.json "
@@ -252,7 +252,12 @@ def heal_section(inputs: Inputs) -> list[str]:
     lines += [_untitled(text), ""] if data is not None and text is not None else not_measured("heal/heal_table.json")
     small_step = inputs.text("heal/soco_heal_lr3e-5.md")
     if small_step:
-        lines += ["### SoCo + healing with a smaller step (lr 3e-5)", "", _untitled(small_step), ""]
+        lines += ["### How SoCo's healing step was chosen (lr 3e-5)", "", _untitled(small_step), ""]
+    for folder, title in (("soco_lr1e-4", "The first table: SoCo healed at lr 1e-4"),
+                          ("svd_llm_lr3e-5", "SVD-LLM healed at SoCo's lr 3e-5")):
+        earlier = inputs.text(f"heal/{folder}/heal_table.md")
+        if earlier:
+            lines += [f"### {title}", "", _untitled(earlier), ""]
     adapter = inputs.text("heal_adapter/heal_table.md")
     if adapter:
         lines += ["### Healing a low-rank adapter on each factor instead (`--heal-mode adapter`)", "", _untitled(adapter), ""]
