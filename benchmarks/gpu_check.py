@@ -1,5 +1,6 @@
-"""The GPU check: SVD-LLM and SoCo at 0.4 on the default model, and a few SoCo steps on a random-weight
-SmolLM2-1.7B shape in bf16, with quality, wall time per phase, seconds a step and peak GPU memory.
+"""The GPU check: SVD-LLM and SoCo at 0.4 on the default model (SoCo also after its default healing), and a
+few SoCo steps on a random-weight SmolLM2-1.7B shape in bf16, with quality, wall time per phase, seconds a
+step and peak GPU memory.
 
     python benchmarks/gpu_check.py                          # on a CUDA machine; writes the results below
     python benchmarks/gpu_check.py --device cpu --steps 4   # the same path on a CPU (a smoke run)
@@ -11,7 +12,9 @@ commit the results with the card's name (recorded in the environment).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from harness.outputs import emit  # noqa: E402
 from harness.shapes import SHAPES, random_model  # noqa: E402
 
 import soco_llm  # noqa: E402
+from soco_llm.methods.soco.run_folder import load_teacher  # noqa: E402
+from soco_llm.heal import HealConfig, heal  # noqa: E402
 from soco_llm.runtime import parse_dtype  # noqa: E402
 
 
@@ -36,10 +41,18 @@ def _reset(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def method_row(method: str, args, device: torch.device, settings: dict) -> dict:
-    """One method on the default model: perplexity, compress time, phases, seconds a step, peak memory."""
-    model, tok = soco_llm.load_model(args.model, args.dtype, str(device))
+def method_rows(method: str, args, device: torch.device, settings: dict) -> list[dict]:
+    """One method on the default model: perplexity, compress time, phases, seconds a step, peak memory; then,
+    where the method heals by default (SoCo), a second row after healing on its own cached teacher."""
     config = soco_llm.config_for(method, ratio=args.ratio, **settings)
+    with tempfile.TemporaryDirectory() as run_dir:  # where SoCo caches the teacher its healing reads back
+        if "run_dir" in type(config).__dataclass_fields__:
+            config = dataclasses.replace(config, run_dir=run_dir)
+        return _method_rows(method, config, args, device)
+
+
+def _method_rows(method: str, config, args, device: torch.device) -> list[dict]:
+    model, tok = soco_llm.load_model(args.model, args.dtype, str(device))
     calib = config.calibration("bundled", 0)
     windows = soco_llm.calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
     _reset(device)
@@ -51,9 +64,21 @@ def method_row(method: str, args, device: torch.device, settings: dict) -> dict:
     phases = report.config.get("phases", {})
     steps = report.config.get("steps")
     training = phases.get("seconds", {}).get("training")
-    return {"row": f"{method} @ {args.ratio} (default model, {args.dtype})", "perplexity": ppl.perplexity,
-            "tokens": ppl.tokens, "compress_s": seconds, "phases_s": phases.get("seconds", {}),
-            "s_per_step": training / steps if training and steps else None, "peak_gpu_mib": peak}
+    rows = [{"row": f"{method} @ {args.ratio} (default model, {args.dtype})", "perplexity": ppl.perplexity,
+             "tokens": ppl.tokens, "compress_s": seconds, "phases_s": phases.get("seconds", {}),
+             "s_per_step": training / steps if training and steps else None, "peak_gpu_mib": peak}]
+    heal_cfg = HealConfig(**{**config.heal_defaults(), **({} if args.heal_steps is None else {"steps": args.heal_steps})})
+    if heal_cfg.steps and getattr(config, "run_dir", None):
+        _reset(device)
+        start = time.perf_counter()
+        heal(model, load_teacher(Path(config.run_dir)), windows, heal_cfg)  # SoCo's own windows and teacher
+        seconds = time.perf_counter() - start
+        peak = _peak_mib(device)
+        ppl = soco_llm.evaluate_perplexity(model, tok, "bundled", 512, args.eval_windows)
+        rows.append({"row": f"{method} + heal @ {args.ratio} ({heal_cfg.steps} steps, lr {heal_cfg.lr:g})",
+                     "perplexity": ppl.perplexity, "tokens": ppl.tokens, "compress_s": seconds,
+                     "phases_s": {"healing": seconds}, "s_per_step": seconds / heal_cfg.steps, "peak_gpu_mib": peak})
+    return rows
 
 
 def shape_row(args, device: torch.device) -> dict:
@@ -86,7 +111,8 @@ def markdown(rows: list[dict], env: dict) -> str:
                      f"{cell(p.get('teacher'), '.1f')} | {cell(p.get('basis'), '.1f')} | {cell(p.get('training'), '.1f')} | "
                      f"{cell(p.get('cut'), '.2f')} | {cell(r['s_per_step'], '.3f')} | {cell(r['peak_gpu_mib'], '.0f')} |")
     lines += ["", "Perplexity: first windows of 512 tokens of the held-out BoolQ dev passages. Phases from the "
-              "report (device synchronised at each phase's edges); s / step = training phase / steps."]
+              "report (device synchronised at each phase's edges); s / step = training phase / steps. A + heal row: "
+              "compress (s) is the healing's time, s / step a healing step's."]
     return "\n".join(lines) + "\n"
 
 
@@ -98,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", help="dtype of the method rows")
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--steps", type=int, default=None, help="SoCo steps on the model (default: SoCo's own)")
+    p.add_argument("--heal-steps", type=int, default=None, help="healing steps after SoCo (default: SoCo's own)")
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--shape", default="smollm2-1.7b", choices=list(SHAPES))
     p.add_argument("--shape-steps", type=int, default=8)
@@ -111,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     soco_settings = {} if args.steps is None else {"steps": args.steps}
-    rows = [method_row("svd-llm", args, device, {}), method_row("soco", args, device, soco_settings),
+    rows = [*method_rows("svd-llm", args, device, {}), *method_rows("soco", args, device, soco_settings),
             shape_row(args, device)]
     env = environment(__file__, argv, device=str(device))
     stem = Path(args.out_dir) / f"gpu_check_{device.type}"

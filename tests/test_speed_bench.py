@@ -167,10 +167,11 @@ def test_gpu_check_runs_its_path_on_the_cpu(monkeypatch, tmp_path, model_dir, ca
     check = load_script("gpu_check")
     monkeypatch.setattr(check, "SHAPES", shapes.SHAPES)
     assert check.main(["--device", "cpu", "--model", str(model_dir), "--steps", "2", "--eval-windows", "1",
-                       "--shape", "tiny-test", "--shape-steps", "2", "--shape-samples", "4",
+                       "--shape", "tiny-test", "--shape-steps", "2", "--shape-samples", "4", "--heal-steps", "2",
                        "--out-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "gpu_check_cpu.json").read_text())["rows"]
-    assert [r["row"].split(" @")[0] for r in rows] == ["svd-llm", "soco", "soco"]
+    assert [r["row"].split(" @")[0] for r in rows] == ["svd-llm", "soco", "soco + heal", "soco"]
+    assert rows[2]["perplexity"] > 0 and rows[2]["s_per_step"] > 0
     assert set(rows[1]["phases_s"]) == {"teacher", "basis", "training", "cut"} and rows[1]["s_per_step"] > 0
     assert "| soco @ 0.4" in (tmp_path / "gpu_check_cpu.md").read_text()
     if not torch.cuda.is_available():
