@@ -56,8 +56,8 @@ def heal_config(args, seed: int, defaults: dict) -> HealConfig:
     (`heal_defaults()` of its config), else HealConfig's (off); checkpoints in OUT.heal."""
     given = {"steps": args.heal_steps, "lr": args.heal_lr}
     chosen = {k: v if v is not None else defaults.get(k, getattr(HealConfig, k)) for k, v in given.items()}
-    cfg = HealConfig(**chosen, schedule=args.heal_schedule,
-                     batch_size=args.heal_batch_size, seed=seed, mode=args.heal_mode, adapter_rank=args.heal_adapter_rank,
+    cfg = HealConfig(**chosen, schedule=args.heal_schedule, batch_size=args.heal_batch_size, seed=seed,
+                     mode=args.heal_mode, adapter_rank=args.heal_adapter_rank,
                      run_dir=str(Path(args.out).with_name(Path(args.out).name + ".heal")), resume=args.resume)
     cfg.validate()  # its numbers were checked as options; this checks the rest
     step = heal_checkpoint_step(Path(cfg.run_dir)) if cfg.steps else None
