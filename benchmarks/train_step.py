@@ -3,10 +3,12 @@ measured side by side in one process.
 
     python benchmarks/train_step.py --steps 8 --repeats 3 --markdown benchmarks/results/train_step_cpu.md
 
-Variants (`--variants`): `library` (today's step: on the CPU the hard cut multiplies only the kept
-components, `SpectralLinear.kept_product`), `full-product` (the full masked product over every component,
-which the library ran before and still runs on GPUs) and `logsumexp-kl` (the library's step with a
-candidate distillation KL, `harness.candidate_kl`, measured and not adopted).
+Variants (`--variants`): `library` (today's step: the output head's KL made chunk by chunk,
+`core.teacher.ChunkedHeadKL`, and on the CPU the hard cut multiplies only the kept components,
+`SpectralLinear.kept_product`), `whole-logits` (the same with the head's logits made for the whole batch at
+once, the step before the chunked head), `full-product` (whole logits and the full masked product over every
+component, as the library ran before the kept-only product; still the product on GPUs) and `logsumexp-kl`
+(whole logits with a candidate distillation KL, `harness.candidate_kl`, measured and not adopted).
 
 The default model with SoCo's layers installed over a plain basis: the same shapes as the whitened one
 (capped at the largest useful rank), so the same step cost, without the calibration pass. The variants
@@ -50,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host-memory", choices=["kept", "default"], default="default",
                    help="kept: freed host memory kept for reuse, as `SOCO_KEEP_HOST_MEMORY=1 soco ...` does "
                         "(soco_llm.runtime.keep_freed_host_memory); default: glibc's own settings (default)")
-    p.add_argument("--variants", nargs="+", default=["library", "full-product"],
-                   choices=["library", "full-product", "logsumexp-kl"])
+    p.add_argument("--variants", nargs="+", default=["library", "whole-logits"],
+                   choices=["library", "whole-logits", "full-product", "logsumexp-kl"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,18 +78,21 @@ def main(argv: list[str] | None = None) -> None:
     layers = install_spectral(model, targets, decompose_targets(model, cfg, targets, None), gate)
     freeze(model)
     start = {n: (l.scores.detach().clone(), l.delta.detach().clone()) for n, l in layers.items()}
-    library_kl = teacher_module.kl_to_teacher
-    known = {"library": ("library (kept components only on the CPU)", library_kl, True),
-             "full-product": ("full masked product (before; as on GPUs)", library_kl, False),
-             "logsumexp-kl": ("library with the logsumexp KL candidate", logsumexp_kl, True)}
+    library_kl, library_split = teacher_module.kl_to_teacher, teacher_module._head_split
+    # name: (label, KL of whole logits, kept-only product on the CPU, chunked head)
+    known = {"library": ("library (chunked head KL, kept components only on the CPU)", library_kl, True, True),
+             "whole-logits": ("whole-batch logits (before the chunked head)", library_kl, True, False),
+             "full-product": ("whole logits, full masked product (as on GPUs)", library_kl, False, False),
+             "logsumexp-kl": ("whole logits, logsumexp KL candidate", logsumexp_kl, True, False)}
     variants = {known[v][0]: known[v][1:] for v in args.variants}
 
     def run(variant, steps: int) -> tuple[float, float]:
-        fn, kept_only = variant
+        fn, kept_only, chunked = variant
         with torch.no_grad():
             for n, l in layers.items():
                 l.scores.copy_(start[n][0]), l.delta.copy_(start[n][1])
-        teacher_module.kl_to_teacher = fn  # kl_batch_loss looks it up at each call
+        teacher_module.kl_to_teacher = fn  # student_kl looks it up at each call
+        teacher_module._head_split = library_split if chunked else (lambda *a: None)  # None: whole logits
         SpectralLinear.kept_only_on_cpu = kept_only
         loss = teacher_module.kl_batch_loss(model, windows, teacher, cfg.batch_size)
         _sync(device)
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                 times[name].append(s)
     finally:
         teacher_module.kl_to_teacher, SpectralLinear.kept_only_on_cpu = library_kl, True
+        teacher_module._head_split = library_split
     base = statistics.median(next(iter(times.values())))
     hw = hardware_info(str(device))
     lines = ["# SoCo training step, side by side", "",

@@ -51,7 +51,7 @@ def test_interrupted_healing_resumes_to_the_same_factors(tmp_path, monkeypatch, 
         model, windows, teacher, _ = _compressed()
         cfg = HealConfig(steps=8, lr=3e-3, checkpoint_every=2, run_dir=str(tmp_path / name), resume=resume, **mode)
         if interrupt_at is not None:
-            real, calls = teacher_module.kl_to_teacher, {"n": 0}
+            real, calls = teacher_module.student_kl, {"n": 0}
 
             def interrupting(*a):
                 calls["n"] += 1
@@ -59,7 +59,7 @@ def test_interrupted_healing_resumes_to_the_same_factors(tmp_path, monkeypatch, 
                     raise KeyboardInterrupt
                 return real(*a)
 
-            monkeypatch.setattr(teacher_module, "kl_to_teacher", interrupting)
+            monkeypatch.setattr(teacher_module, "student_kl", interrupting)
         try:
             heal(model, teacher, windows, cfg)
         finally:
@@ -87,13 +87,13 @@ def test_healed_model_saves_and_loads_with_identical_logits(tmp_path, mode):
 def test_a_nan_loss_keeps_the_last_good_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch):
     model, windows, teacher, _ = _compressed()
     cfg = HealConfig(steps=6, lr=3e-3, checkpoint_every=2, run_dir=str(tmp_path))
-    real, calls = teacher_module.kl_to_teacher, {"n": 0}
+    real, calls = teacher_module.student_kl, {"n": 0}
 
     def nan_at_step_3(*a):
         calls["n"] += 1
         return real(*a) * (float("nan") if calls["n"] == 3 else 1.0)
 
-    monkeypatch.setattr(teacher_module, "kl_to_teacher", nan_at_step_3)
+    monkeypatch.setattr(teacher_module, "student_kl", nan_at_step_3)
     with pytest.raises(soco_llm.SocoError, match="NaN/inf at step 3.*last good state: add --resume"):
         heal(model, teacher, windows, cfg)
     monkeypatch.undo()

@@ -211,13 +211,13 @@ def test_ctrl_c_in_training_says_what_was_kept_and_how_to_continue(capsys, monke
     import soco_llm.core.teacher as teacher
 
     argv = [str(a) for a in _soco(model_dir, text_file, tmp_path / "s")]
-    real = _interrupt_at(monkeypatch, teacher, "kl_to_teacher", 4)  # during step 4: steps 1-3 are done
+    real = _interrupt_at(monkeypatch, teacher, "student_kl", 4)  # during step 4: steps 1-3 are done
     code, _, err = run(capsys, *argv)
     assert code == 130
     last = err.strip().splitlines()[-1]
     assert "nothing was written" not in err
     assert "checkpoint at step 3 of 4" in last and "continue with: soco compress" in last and last.endswith("--resume")
-    monkeypatch.setattr(teacher, "kl_to_teacher", real)
+    monkeypatch.setattr(teacher, "student_kl", real)
     code, _, err = run(capsys, *argv)  # the plain command says exactly what to do
     assert_one_line_error(code, err, "pass --resume to continue it")
     code, stdout, err = run(capsys, *argv, "--resume")
@@ -268,8 +268,8 @@ def test_rerun_of_a_finished_run_and_resume_with_other_settings(capsys, model_di
 def test_nan_loss_message_gives_advice_that_works(tmp_path, monkeypatch):
     import soco_llm.core.teacher as teacher
 
-    real = teacher.kl_to_teacher
-    monkeypatch.setattr(teacher, "kl_to_teacher", lambda *a: real(*a) * float("nan"))
+    real = teacher.student_kl
+    monkeypatch.setattr(teacher, "student_kl", lambda *a: real(*a) * float("nan"))
     cfg = soco_llm.SoCoConfig(ratio=0.4, steps=4, batch_size=4, run_dir=str(tmp_path / "r"))
     with pytest.raises(SocoError, match="lower learning rate") as e:
         soco_llm.compress(tiny_model("llama"), cfg, random_windows(8, 32))

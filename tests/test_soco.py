@@ -136,7 +136,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     import soco_llm.core.teacher as soco
 
     full = _run(tmp_path, "full")
-    real = soco.kl_to_teacher
+    real = soco.student_kl
     calls = {"n": 0}
 
     def interrupt_at_step_8(*a):
@@ -145,11 +145,11 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a)
 
-    monkeypatch.setattr(soco, "kl_to_teacher", interrupt_at_step_8)
+    monkeypatch.setattr(soco, "student_kl", interrupt_at_step_8)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, "cut")
     assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["step"] == 7
-    monkeypatch.setattr(soco, "kl_to_teacher", real)
+    monkeypatch.setattr(soco, "student_kl", real)
     resumed = _run(tmp_path, "cut", resume=True)
     a = load_file(str(tmp_path / "full" / "soco_scores.safetensors"))
     b = load_file(str(tmp_path / "cut" / "soco_scores.safetensors"))
@@ -162,14 +162,14 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     import soco_llm.core.teacher as soco
 
-    real = soco.kl_to_teacher
+    real = soco.student_kl
     calls = {"n": 0}
 
     def nan_at_step_5(*a):
         calls["n"] += 1
         return real(*a) * (float("nan") if calls["n"] == 5 else 1.0)
 
-    monkeypatch.setattr(soco, "kl_to_teacher", nan_at_step_5)
+    monkeypatch.setattr(soco, "student_kl", nan_at_step_5)
     with pytest.raises(SocoError, match="NaN"):
         _run(tmp_path, "nan")
     assert json.loads((tmp_path / "nan" / "checkpoint.json").read_text())["step"] == 3
