@@ -4,7 +4,7 @@ measured side by side in one process.
     python benchmarks/train_step.py --steps 8 --repeats 3 --markdown benchmarks/results/train_step_cpu.md
 
 Variants (`--variants`): `library` (today's step: the output head's KL made chunk by chunk,
-`core.teacher.ChunkedHeadKL`, and on the CPU the hard cut multiplies only the kept components,
+`core.head.ChunkedHeadLoss`, and on the CPU the hard cut multiplies only the kept components,
 `SpectralLinear.kept_product`), `whole-logits` (the same with the head's logits made for the whole batch at
 once, the step before the chunked head), `full-product` (whole logits and the full masked product over every
 component, as the library ran before the kept-only product; still the product on GPUs) and `logsumexp-kl`
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     layers = install_spectral(model, targets, decompose_targets(model, cfg, targets, None), gate)
     freeze(model)
     start = {n: (l.scores.detach().clone(), l.delta.detach().clone()) for n, l in layers.items()}
-    library_kl, library_split = teacher_module.kl_to_teacher, teacher_module._head_split
+    library_kl, library_split = teacher_module.kl_to_teacher, teacher_module.head_split
     # name: (label, KL of whole logits, kept-only product on the CPU, chunked head)
     known = {"library": ("library (chunked head KL, kept components only on the CPU)", library_kl, True, True),
              "whole-logits": ("whole-batch logits (before the chunked head)", library_kl, True, False),
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             for n, l in layers.items():
                 l.scores.copy_(start[n][0]), l.delta.copy_(start[n][1])
         teacher_module.kl_to_teacher = fn  # student_kl looks it up at each call
-        teacher_module._head_split = library_split if chunked else (lambda *a: None)  # None: whole logits
+        teacher_module.head_split = library_split if chunked else (lambda *a: None)  # None: whole logits
         SpectralLinear.kept_only_on_cpu = kept_only
         loss = teacher_module.kl_batch_loss(model, windows, teacher, cfg.batch_size)
         _sync(device)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                 times[name].append(s)
     finally:
         teacher_module.kl_to_teacher, SpectralLinear.kept_only_on_cpu = library_kl, True
-        teacher_module._head_split = library_split
+        teacher_module.head_split = library_split
     base = statistics.median(next(iter(times.values())))
     hw = hardware_info(str(device))
     lines = ["# SoCo training step, side by side", "",

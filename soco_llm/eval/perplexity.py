@@ -19,7 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checks import at_least, check
-from ..core.teacher import Teacher, kl_to_teacher, top_k_entry
+from ..core.head import head_logits, head_split
+from ..core.teacher import Teacher, kl_per_position, top_k_rows
 from ..data import eval_windows
 from ..errors import SocoError
 
@@ -63,21 +64,29 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, bos
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # The head a chunk of positions at a time (core/head.py): a batch's whole logits would be the pass's peak.
+    split = head_split(model, windows[:1, :8].to(device))
     total, count, kl_sum, kept = 0.0, 0, 0.0, []
     start = 0
     for batch in tqdm(windows.split(batch_size), desc=desc):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
-        n = batch[:, 1:].numel()
-        count += n
+        targets = batch[:, 1:].reshape(-1)
         if reference is not None:
             rows = slice(start, start + batch.shape[0])
-            ref = [t[rows].to(device) for t in (reference.top_logp, reference.top_idx, reference.rest_logp)]
-            kl_sum += float(kl_to_teacher(logits, *ref)) * n
+            ref = [t[rows].to(device).flatten(0, 1)
+                   for t in (reference.top_logp, reference.top_idx, reference.rest_logp)]
+        nll, kl, parts = 0.0, 0.0, []
+        for rows, logits in head_logits(model, batch, split):
+            nll = nll + F.cross_entropy(logits, targets[rows].to(logits.device), reduction="sum")
+            if reference is not None:
+                kl = kl + kl_per_position(logits, *(r[rows].to(logits.device) for r in ref)).sum()
+            if keep_topk:
+                parts.append(top_k_rows(logits, keep_topk))
+        total += float(nll)
+        count += targets.numel()
+        kl_sum += float(kl)
         if keep_topk:
-            kept.append(top_k_entry(logits, keep_topk))
+            kept.append(Teacher.from_rows(parts, batch.shape))
         start += batch.shape[0]
     model.train(was_training)
     mean = total / count
