@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="the model's dtype (default: the checkpoint's), e.g. bfloat16")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     from soco_llm.runtime import resolve_device
 
     device = resolve_device(args.device)
-    model, tok = load_model(args.model, None, device)
+    model, tok = load_model(args.model, args.dtype, device)
     cfg = dataclasses.replace(SoCoConfig(ratio=0.4, basis="plain"), steps=args.steps, run_dir=None)
     windows = calibration_windows(tok, "bundled", 4 * cfg.batch_size, cfg.seq_len, cfg.seed)
     teacher = teacher_module.teacher_cache(model, windows, cfg.teacher_topk, cfg.batch_size)
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     hw = hardware_info(str(device))
     lines = ["# SoCo training step, side by side", "",
              f"{utc_now()[:16]} UTC, {hw['cpu']}, {hw['torch_threads']} torch threads, torch {hw['torch']}, "
-             f"device {device}, host memory {host_memory}. Command: `{command_line(__file__, argv)}`", "",
+             f"device {device}, {next(model.parameters()).dtype}, host memory {host_memory}. "
+             f"Command: `{command_line(__file__, argv)}`", "",
              f"Default model, SoCo at 0.4 with default step settings ({cfg.batch_size}x{cfg.seq_len} tokens, "
              f"top-{cfg.teacher_topk} teacher), {args.steps} steps per run, {args.repeats} interleaved runs per "
              f"variant (load average at the end: {hw.get('load_average_1min')}).", "",

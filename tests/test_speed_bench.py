@@ -189,3 +189,15 @@ def test_train_step_bench_times_the_step_variants_side_by_side(model_dir, tmp_pa
     kls = [float(r.split(" | ")[-1].rstrip(" |")) for r in rows]
     assert kls[1:] == pytest.approx([kls[0]] * 2, rel=1e-4, abs=2e-6)  # one step, three ways (6 decimals shown)
     assert all(float(r.split(" | ")[1]) > 0 for r in rows)
+
+
+def test_sibling_gemm_bench_times_both_forms_of_each_group(tmp_path):
+    out = tmp_path / "siblings.md"
+    load_script("sibling_gemm").main(["--tokens", "1", "--threads", "1", "--min-run-time", "0.01", "--markdown",
+                                      str(out)])
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| q/k/v") or
+            line.startswith("| gate/up")]
+    assert [r[0] for r in rows] == ["| q/k/v (ranks 172/86/86)", "| gate/up (ranks 251/251)"]
+    for r in rows:
+        each, one = float(r[3]), float(r[4])
+        assert each > 0 and one > 0 and float(r[5].rstrip(" |")) == pytest.approx(one / each, abs=0.01)
