@@ -221,7 +221,9 @@ def speed_section(inputs: Inputs, out: Path) -> list[str]:
             lines += [f"The same table with working memory: [speed_cpu.md]({link}); other runs (2 threads, glibc's "
                       "allocator defaults, a saved SoCo model) are the `speed_cpu_*.md` files beside it.", ""]
     for name, title in (("decode_profile_cpu.md", "Where a decode step's time goes (ratio 0.4)"),
-                        ("speed_cpu_360m.md", "A larger shape: SmolLM2-360M, random weights")):
+                        ("speed_cpu_360m.md", "A larger shape: SmolLM2-360M, random weights"),
+                        ("speed_cpu_fast_intel.md", "The fast path (static KV cache, compiled decode), Intel Xeon"),
+                        ("sibling_gemm_cpu.md", "One GEMM for the A factors of sibling layers (not adopted)")):
         text = inputs.text(name)
         lines += [f"### {title}", ""] + ([_untitled(text), ""] if text else not_measured(name))
     lines += ["### One layer: dense vs factored vs merged", ""]
@@ -242,7 +244,12 @@ def soco_section(inputs: Inputs) -> list[str]:
     lines += [_untitled(text), ""]
     timing = inputs.text("soco_timing.md")
     lines += ["### Wall time and memory of one full run", ""]
-    return lines + ([_untitled(timing), ""] if timing else not_measured("soco_timing.md"))
+    lines += [_untitled(timing), ""] if timing else not_measured("soco_timing.md")
+    for name, title in (("train_step_chunked_head_cpu.md", "The training step: chunked output head, kept-only product"),
+                        ("heal/default_run.md", "The default run at 0.4 (SoCo, then its default healing)")):
+        text = inputs.text(name)
+        lines += [f"### {title}", ""] + ([_untitled(text), ""] if text else not_measured(name))
+    return lines
 
 
 def heal_section(inputs: Inputs) -> list[str]:
