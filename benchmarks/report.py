@@ -52,6 +52,16 @@ COMMANDS = {
                          "--threads 1 --repeats 3 --prefill-lengths 128 --processes 3 "
                          "--json benchmarks/results/speed_cpu_360m.json "
                          "--markdown benchmarks/results/speed_cpu_360m.md",
+    "speed_cpu_fast_intel.md": "OMP_NUM_THREADS=1 python benchmarks/speed.py --ratios 0.2 0.4 0.6 --threads 1 "
+                               "--repeats 5 --prefill-lengths 128 --fast --json "
+                               "benchmarks/results/speed_cpu_fast_intel.json "
+                               "--markdown benchmarks/results/speed_cpu_fast_intel.md",
+    "sibling_gemm_cpu.md": "OMP_NUM_THREADS=1 python benchmarks/sibling_gemm.py --threads 1 "
+                           "--markdown benchmarks/results/sibling_gemm_cpu.md",
+    "train_step_chunked_head_cpu.md": "python benchmarks/train_step.py --steps 6 --repeats 2 --variants full-product "
+                                      "whole-logits library --markdown "
+                                      "benchmarks/results/train_step_chunked_head_cpu.md",
+    "heal/default_run.md": "/usr/bin/time -v soco compress --method soco --ratio 0.4 --out runs/default04",
 }
 
 
