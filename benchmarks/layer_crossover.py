@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside t
 from harness.environment import hardware_info  # noqa: E402
 from harness.outputs import emit  # noqa: E402
 from harness.tables import crossover_table  # noqa: E402
-from harness.timing import layer_crossover  # noqa: E402
+from harness.timing import layer_crossover, layer_timing_options  # noqa: E402
 
 # (out, in) of SmolLM2-135M's decoder linears: q/o, k/v, gate/up, down
 DEFAULT_SHAPES = ["576x576", "192x576", "1536x576", "576x1536"]
@@ -36,11 +36,7 @@ def _shape(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", type=_shape, nargs="+", default=[_shape(s) for s in DEFAULT_SHAPES])
-    p.add_argument("--ratio", type=float, default=0.4, help="uniform-rank ratio of the factored layer")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048])
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing (torch.utils.benchmark)")
-    p.add_argument("--markdown", default=None, help="also write the table here (atomically)")
+    layer_timing_options(p, tokens=[1, 8, 32, 128, 512, 2048], min_run_time=0.2)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

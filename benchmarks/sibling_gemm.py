@@ -16,28 +16,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file, however it is loaded
 from harness.environment import command_line, hardware_info  # noqa: E402
 from harness.outputs import emit  # noqa: E402
+from harness.timing import layer_timing_options, median_seconds  # noqa: E402
+from soco_llm.core.budget import uniform_rank  # noqa: E402
 
 # group: (out, in) of each sibling, all reading the same input (SmolLM2-135M)
 GROUPS = {"q/k/v": [(576, 576), (192, 576), (192, 576)], "gate/up": [(1536, 576), (1536, 576)]}
 
 
-def _median_us(fn, min_run_time: float) -> float:
-    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e6
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ratio", type=float, default=0.4, help="uniform-rank ratio of the factored layers")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 128])
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (torch.utils.benchmark)")
-    p.add_argument("--markdown", default=None, help="also write the table here (atomically)")
+    layer_timing_options(p, tokens=[1, 8, 128], min_run_time=0.5)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| group | tokens | dense µs | factored, one call each µs | one call for the A factors µs | "
              "one call / each |", "|---|---:|---:|---:|---:|---:|"]
     for name, shapes in GROUPS.items():
-        ranks = [int(m * n * (1 - args.ratio) / (m + n)) for m, n in shapes]
+        ranks = [uniform_rank(m, n, args.ratio) for m, n in shapes]
         factors = [(torch.randn(r, n, generator=g), torch.randn(m, r, generator=g)) for (m, n), r in zip(shapes, ranks)]
         dense = [b @ a for a, b in factors]
         stacked = torch.cat([a for a, _ in factors])
         for tokens in args.tokens:
             x = torch.randn(1, tokens, shapes[0][1], generator=g)
-            times = [_median_us(fn, args.min_run_time) for fn in (
+            times = [1e6 * median_seconds("fn()", {"fn": fn}, args.min_run_time) for fn in (
                 lambda: [F.linear(x, w) for w in dense],
                 lambda: [F.linear(F.linear(x, a), b) for a, b in factors],
                 lambda: [F.linear(h, b) for h, (_, b) in zip(F.linear(x, stacked).split(ranks, -1), factors)])]

@@ -1,4 +1,5 @@
-"""Speed and memory of loaded models, dense and compressed (speed.py, decode_profile.py, layer_crossover.py).
+"""Speed and memory of loaded models, dense and compressed (speed.py, decode_profile.py), and of single layers
+(layer_crossover.py, sibling_gemm.py).
 
 All models stay loaded in one process and every workload is timed round-robin across them
 (repeat 1: model 1, 2, 3 ...; repeat 2: ...), so a change in machine load hits every model alike
@@ -188,15 +189,30 @@ def combine_processes(runs: list[list[dict]]) -> list[dict]:
         combined.append(row)
     return add_speedups(combined)
 
+
+def layer_timing_options(p, tokens: list[int], min_run_time: float) -> None:
+    """The options every single-layer timing script takes (layer_crossover.py, sibling_gemm.py)."""
+    p.add_argument("--ratio", type=float, default=0.4, help="uniform-rank ratio of the factored layers")
+    p.add_argument("--tokens", type=int, nargs="+", default=tokens)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--min-run-time", type=float, default=min_run_time, help="seconds per timing (torch.utils.benchmark)")
+    p.add_argument("--markdown", default=None, help="also write the table here (atomically)")
+
+
+def median_seconds(stmt: str, env: dict, min_run_time: float, threads: int | None = None) -> float:
+    """torch.utils.benchmark's median seconds of `stmt` over `env`."""
+    from torch.utils.benchmark import Timer
+
+    return Timer(stmt, globals=env, num_threads=threads or torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time).median
+
+
 def layer_crossover(shapes: list[tuple[int, int]], ratio: float, token_counts: list[int], threads: int | None = None,
                     min_run_time: float = 0.2) -> list[dict]:
     """Median seconds per call of dense, factored and merged forms of an (out, in) layer at the uniform rank."""
-    from torch.utils.benchmark import Timer
-
     from soco_llm.core.budget import uniform_rank
 
     rows = []
-    nthreads = threads or torch.get_num_threads()
     for m, n in shapes:
         r = uniform_rank(m, n, ratio)
         W, A, B = torch.randn(m, n), torch.randn(r, n), torch.randn(m, r)
@@ -207,7 +223,6 @@ def layer_crossover(shapes: list[tuple[int, int]], ratio: float, token_counts: l
                      "merged": "F.linear(x, B @ A)"}
             row = {"out": m, "in": n, "rank": r, "tokens": t}
             for name, stmt in stmts.items():
-                row[name] = Timer(stmt, globals=env, num_threads=nthreads).blocked_autorange(
-                    min_run_time=min_run_time).median
+                row[name] = median_seconds(stmt, env, min_run_time, threads)
             rows.append(row)
     return rows
