@@ -105,8 +105,7 @@ def test_report_missing_inputs_say_what_to_run(tmp_path):
     assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
     text = out.read_text()
     for script in ("compare_methods.py", "zeroshot.py", "speed.py", "soco_bench.py", "layer_crossover.py",
-                   "decode_profile.py", "speed.py --model shape:smollm2-360m", "heal_table.py", "sibling_gemm.py",
-                   "train_step.py"):
+                   "decode_profile.py", "speed.py --model shape:smollm2-360m", "heal_table.py", "sibling_gemm.py"):
         assert "Not measured yet: run `" in text and f"benchmarks/{script}" in text
     assert report.main(["--results", str(tmp_path), "--out", str(out), "--check"]) == 1
 
