@@ -72,8 +72,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, bos
         batch = batch.to(device)
         targets = batch[:, 1:].reshape(-1)
         if reference is not None:
-            rows = slice(start, start + batch.shape[0])
-            ref = [t[rows].to(device).flatten(0, 1)
+            these = slice(start, start + batch.shape[0])
+            ref = [t[these].to(device).flatten(0, 1)
                    for t in (reference.top_logp, reference.top_idx, reference.rest_logp)]
         nll, kl, parts = 0.0, 0.0, []
         for rows, logits in head_logits(model, batch, split):
