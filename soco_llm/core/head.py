@@ -92,7 +92,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 torch.mm(grad_logits.to(weight.dtype), weight, out=grad_h[rows])
             total += loss.detach()
         if grad_h is not None:
-            ctx.save_for_backward(grad_h / hidden.shape[0])
+            ctx.save_for_backward(grad_h.div_(hidden.shape[0]))  # in place: the buffer is this Function's own
         return total / hidden.shape[0]
 
     @staticmethod
