@@ -15,7 +15,7 @@ from .heal import HealConfig
 from .errors import SocoError
 from .eval.perplexity import EVAL_RULES
 from .methods import METHODS, ASVDConfig, CalibrationConfig, CompressionConfig, Interrupted
-from .runtime import DEVICE_CHOICES, DTYPES, keep_freed_host_memory
+from .runtime import DEVICE_CHOICES, DTYPE_CHOICES, keep_freed_host_memory
 
 log = logging.getLogger("soco_llm")
 
@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "under a fifth of the default's training tokens): faster, at higher perplexity")
     c.add_argument("--run-dir", default=None, help="soco: checkpoints and basis (default: OUT.run)")
     c.add_argument("--resume", action="store_true", help="soco: continue the run in --run-dir")
-    c.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    c.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
+                   help="the model's dtype while compressing and in the saved folder (default: float32; auto: the "
+                        "checkpoint's own, e.g. float16 for many Llama-2 and OPT checkpoints)")
     _add_device_arg(c)
     c.add_argument("--no-eval", dest="eval", action="store_false", help="skip dense/compressed perplexity")
     _add_heal_args(c)
@@ -121,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default=None, help="model folder, .gguf file or hub id (default: bundled model)")
     _add_eval_args(e)
     _add_zeroshot_args(e)
-    e.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: as saved")
+    e.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default: as saved (auto)")
     _add_device_arg(e)
 
     i = sub.add_parser("info", help="ranks per layer, achieved ratio and sizes of a compressed folder")
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--fast", action="store_true", help="decode on the fast path (static KV cache, compiled decode "
                    "step; CUDA graphs on GPUs); an untimed first run compiles it")
-    g.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: as saved")
+    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default: as saved (auto)")
     _add_device_arg(g)
 
     k = sub.add_parser("clean", help="clean up the temporary and moved-aside folders that killed saves left")

@@ -17,11 +17,17 @@ from .errors import SocoError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+DTYPE_CHOICES = ["auto", *DTYPES]  # auto: the checkpoint's own dtype
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype, or None for the checkpoint's own ("auto")."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return None
     if dtype not in DTYPES:
-        raise SocoError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise SocoError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[dtype]
 
 

@@ -312,3 +312,23 @@ def test_host_memory_is_kept_only_when_asked(capsys, monkeypatch, env, applied):
     if platform.libc_ver()[0] == "glibc":  # mallopt takes both settings (in a process of its own: it is global)
         probe = "from soco_llm.runtime import keep_freed_host_memory as k; raise SystemExit(0 if k() else 1)"
         assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
+@pytest.mark.parametrize("dtype,expected", [("auto", torch.float16), ("float32", torch.float32)])
+def test_dtype_auto_keeps_the_checkpoints_dtype(capsys, text_file, tmp_path, dtype, expected):
+    """A float16 checkpoint (as many Llama-2 and OPT ones are) compressed with SoCo: `--dtype auto` trains and
+    saves it in float16; an explicit dtype converts it."""
+    from safetensors import safe_open
+
+    folder = tmp_path / "fp16-llama"
+    save_dense(tiny_model("llama").to(torch.float16), tiny_tokenizer(), folder)
+    out = tmp_path / "c"
+    code, stdout, err = run(capsys, "compress", "--method", "soco", "--ratio", "0.4", "--model", folder, "--out", out,
+                            "--calib", text_file, "--samples", "8", "--seq-len", "32", "--set", "steps=3",
+                            "--set", "batch_size=4", "--heal-steps", "0", "--eval-data", text_file,
+                            "--eval-seq-len", "32", "--eval-windows", "2", "--dtype", dtype)
+    assert code == 0, err
+    assert "soco" in stdout and "nan" not in stdout.lower()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith((".A", ".B"))}
+    assert dtypes == {expected}

@@ -68,3 +68,23 @@ def test_save_refuses_existing_folder(tmp_path):
     soco_llm.save_compressed(model, None, tmp_path / "c", report, overwrite=True)
     assert not (tmp_path / "c" / "keep.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_reloads_as_saved(dtype, tmp_path):
+    """`.to(dtype)` leaves the config's dtype as it was; the saved config names the weights' dtype, so loading
+    "as saved" (the CLI's default) gives the same dtype and logits, for a compressed and a dense folder."""
+    from soco_llm.models import load_model
+
+    model = tiny_model("llama").to(dtype)
+    x = random_windows()
+    report = soco_llm.compress(model, soco_llm.SVDConfig(ratio=0.4))
+    ref = model(input_ids=x).logits
+    compressed = soco_llm.save_compressed(model, tiny_tokenizer(), tmp_path / "c", report)
+    assert json.loads((compressed / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    for loaded in (soco_llm.load(compressed), load_model(str(compressed))[0]):
+        assert next(loaded.parameters()).dtype == dtype
+        # not bit for bit: `.to(dtype)` also rounded the rotary inv_freq buffer, which loading recomputes
+        torch.testing.assert_close(loaded(input_ids=x).logits, ref, atol=2e-2, rtol=2e-2)
+    dense = soco_llm.save_dense(tiny_model("llama").to(dtype), tiny_tokenizer(), tmp_path / "d")
+    assert next(load_model(str(dense))[0].parameters()).dtype == dtype

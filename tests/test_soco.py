@@ -266,3 +266,55 @@ def test_hard_cut_forward_on_kept_components_equals_the_masked_product(dtype, to
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
     cut = layer.mask == 0
     assert (full[2][cut] != 0).all() and (kept[2][cut] != 0).all()  # cut components still get a gradient
+
+
+
+def test_whitened_basis_fits_half_precision_and_the_cut_is_unchanged():
+    """Σ xᵀx over many tokens makes the whitened σ grow with √rows (past fp16's 65504 on the default model);
+    the basis stores σ / c and c·A₀ (c a power of two), so an fp16 layer stays finite, and the true σ is
+    folded back at the cut: in float32 the stored tensors are the unscaled ones times an exact power of two."""
+    import copy
+
+    from soco_llm.core.adapter import Target
+    from soco_llm.core.bases import whitened_basis
+    from soco_llm.core.stats import LayerStats
+    from soco_llm.methods.soco.basis import basis_entry, half_precision_scale
+    from soco_llm.methods.soco.spectral import SpectralLinear
+
+    assert [half_precision_scale(r) for r in (1, 4, 16384, 20000, 2 ** 24)] == [1.0, 2.0, 128.0, 128.0, 4096.0]
+    g = torch.Generator().manual_seed(0)
+    m, n, rows = 24, 32, 2 ** 24
+    dense = torch.nn.Linear(n, m, bias=False)
+    x = 30 * torch.randn(512, n, generator=g, dtype=torch.float64)
+    stats = LayerStats(xtx=rows / 512 * (x.T @ x), rows=rows)  # as if 2^24 tokens of that spread
+    cfg = SoCoConfig(ratio=0.4, cap_basis=False)
+    unscaled = whitened_basis(dense.weight, stats.xtx, "w")
+    assert unscaled.sigma.max() > 65504  # inf in fp16 unscaled
+
+    half = basis_entry(Target("w", 0, copy.deepcopy(dense).half()), cfg, stats)
+    assert float(half["scale"]) == 4096.0 and torch.isfinite(half["sigma"]).all()
+    layer = SpectralLinear(half["left"], half["sigma"], half["right"], half["prior"], None, GateState(),
+                           scale=half["scale"])
+    xs = x[:8].to(torch.float16)
+    ref = torch.nn.functional.linear(xs.double(), dense.weight.double())  # outputs up to about 40
+    with torch.no_grad():
+        torch.testing.assert_close(layer(xs).double(), ref, atol=0.1, rtol=1e-2)
+    torch.testing.assert_close(layer.spectrum(), half["sigma"].double() * 4096)
+
+    single = basis_entry(Target("w", 0, dense), cfg, stats)
+    assert torch.equal(single["sigma"] * 4096, unscaled.sigma.float())
+    assert torch.equal(single["right"] / 4096, unscaled.right.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_soco_in_half_precision_keeps_what_float32_keeps(dtype):
+    """A whole SoCo run in a half-precision model: finite logits, and the cut's ranks (learned from a score
+    gradient computed in half precision) within a few components per layer of the float32 run's."""
+    ranks = {}
+    for dt in (torch.float32, dtype):
+        model = tiny_model("llama").to(dt)
+        report = soco_llm.compress(model, SoCoConfig(ratio=0.4, steps=6, batch_size=4), random_windows(8, 32))
+        ranks[dt] = torch.tensor([float(r["rank"]) for r in report.layers])
+        logits = model(input_ids=random_windows(2, 16)).logits
+        assert logits.dtype == dt and torch.isfinite(logits.float()).all()
+    assert (ranks[dtype] - ranks[torch.float32]).abs().mean() <= 0.5

@@ -42,6 +42,12 @@ def _config_dict(model: nn.Module) -> dict:
     d = model.config.to_dict()
     for k in FORMAT_KEYS:
         d.pop(k, None)
+    # The dtype the weights are saved in, which loading "as saved" (dtype="auto") reads: `.to(dtype)` leaves
+    # the config's own entry as it was, so a model compressed in bf16 would come back as float32.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        for key in {"dtype", "torch_dtype"} & set(d) or {"dtype"}:  # transformers 5 writes dtype, 4 torch_dtype
+            d[key] = str(dtype).removeprefix("torch.")
     return d
 
 

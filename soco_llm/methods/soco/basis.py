@@ -7,6 +7,8 @@ the dense layers are put back before training."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -28,15 +30,29 @@ def prior(sigma: torch.Tensor, r: int) -> torch.Tensor:
     return (sigma / edge.clamp_min(1e-30)).float()
 
 
+def half_precision_scale(rows: int) -> float:
+    """The power of two nearest √rows. The whitened basis is of Σ xᵀx over `rows` tokens, so its σ grow and
+    its A₀ shrink with √rows (σ past 2e5 on the default model: inf in fp16); divided and multiplied by this,
+    A₀x has unit variance over the calibration text and σ the scale of the layer's output. A power of two
+    makes the rescaling exact in every float format (the same bits as unscaled, where those were finite)."""
+    return 2.0 ** round(math.log2(max(rows, 1)) / 2)
+
+
 def basis_entry(target: Target, cfg: SoCoConfig, stats: LayerStats | None) -> dict[str, torch.Tensor]:
-    """One target's basis (left, sigma, right, prior, bias), capped at the largest useful rank."""
+    """One target's basis (left, sigma, right, prior, scale, bias), capped at the largest useful rank.
+
+    `sigma` and `right` are stored divided and multiplied by `scale` (`half_precision_scale`), the true
+    decomposition being left · diag(sigma · scale) · right / scale."""
     m, n = target.shape
     w = linear_weight(target.module).detach()
-    spec = whitened_basis(w, stats.xtx, target.name) if cfg.basis == "whitened" else plain_basis(w, target.name)
+    whitened = cfg.basis == "whitened"
+    spec = whitened_basis(w, stats.xtx, target.name) if whitened else plain_basis(w, target.name)
     k = max(max_useful_rank(m, n, cfg.deviation), 1) if cfg.cap_basis else spec.sigma.numel()
-    entry = {"left": spec.left[:, :k].to(w.dtype).contiguous(), "sigma": spec.sigma[:k].to(w.dtype),
-             "right": spec.right[:k].to(w.dtype).contiguous(),
-             "prior": prior(spec.sigma[:k], uniform_rank(m, n, cfg.ratio))}
+    scale = half_precision_scale(stats.rows) if whitened else 1.0
+    entry = {"left": spec.left[:, :k].to(w.dtype).contiguous(), "sigma": (spec.sigma[:k] / scale).to(w.dtype),
+             "right": (spec.right[:k] * scale).to(w.dtype).contiguous(),
+             "prior": prior(spec.sigma[:k], uniform_rank(m, n, cfg.ratio)),
+             "scale": torch.tensor(scale, dtype=torch.float64, device=w.device)}
     if getattr(target.module, "bias", None) is not None:
         entry["bias"] = target.module.bias.detach().clone()
     return entry

@@ -36,7 +36,7 @@ def cut(model: nn.Module, layers: dict[str, SpectralLinear], ratio: float, added
     rows = []
     for name, l in layers.items():
         idx = torch.nonzero(kept[name]).squeeze(1)  # ascending, as the factors keep σ's order
-        spec = Decomposition(l.left[:, idx].double(), l.sigma[idx].double(), l.right[idx].double())
+        spec = Decomposition(l.left[:, idx].double(), l.spectrum()[idx], l.right[idx].double() / l.scale)
         A, B = spec.factors(idx.numel(), l.scores[idx].double())
         bias = l.orig_bias.double() if l.orig_bias is not None else None
         if added_bias:

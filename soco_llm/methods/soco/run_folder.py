@@ -80,7 +80,7 @@ def trained_tensors(layers: dict[str, SpectralLinear]) -> dict[str, torch.Tensor
         out[f"{name}.scores"] = l.scores.detach()
         out[f"{name}.delta"] = l.delta.detach()
         out[f"{name}.prior"] = l.prior
-        out[f"{name}.sigma"] = l.sigma.float()
+        out[f"{name}.sigma"] = l.spectrum().float()
     return out
 
 

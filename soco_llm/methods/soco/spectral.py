@@ -45,7 +45,8 @@ class SpectralLinear(nn.Module):
     kept_only_on_cpu: bool = True
 
     def __init__(self, left: torch.Tensor, sigma: torch.Tensor, right: torch.Tensor, prior: torch.Tensor,
-                 bias: torch.Tensor | None, gate: GateState, dense_cls: type[nn.Module] = nn.Linear):
+                 bias: torch.Tensor | None, gate: GateState, dense_cls: type[nn.Module] = nn.Linear,
+                 scale: torch.Tensor | None = None):
         super().__init__()
         dtype = left.dtype
         self.out_features, self.in_features = left.shape[0], right.shape[1]
@@ -55,6 +56,10 @@ class SpectralLinear(nn.Module):
         self.register_buffer("right", right.contiguous(), persistent=False)  # A₀: k×n
         self.register_buffer("sigma", sigma.to(dtype), persistent=False)
         self.register_buffer("prior", prior.to(torch.float32), persistent=False)
+        # σ and A₀ come divided and multiplied by `scale` (a power of two; see basis.half_precision_scale), so
+        # that they fit half precision; the true singular values are sigma · scale.
+        scale = torch.ones((), dtype=torch.float64) if scale is None else scale
+        self.register_buffer("scale", scale.to(device=left.device, dtype=torch.float64), persistent=False)
         self.register_buffer("orig_bias", None if bias is None else bias.to(dtype), persistent=False)
         self.dense_cls = dense_cls  # what the cut's LowRankLinear turns back into
         # Trainable state lives where the basis lives (float32 for stable Adam updates in any model dtype).
@@ -67,6 +72,10 @@ class SpectralLinear(nn.Module):
     @property
     def k(self) -> int:
         return self.sigma.numel()
+
+    def spectrum(self) -> torch.Tensor:
+        """The true singular values σ (fp64)."""
+        return self.sigma.double() * self.scale
 
     def importance(self) -> torch.Tensor:
         """Learned importance |s|·q; the global cut ranks every component of every layer by it."""
@@ -148,7 +157,8 @@ def install_spectral(model: nn.Module, targets: list[Target], basis: dict[str, d
     layers = {}
     for t in targets:
         b = basis[t.name]
-        layer = SpectralLinear(b["left"], b["sigma"], b["right"], b["prior"], b.get("bias"), gate, type(t.module))
+        layer = SpectralLinear(b["left"], b["sigma"], b["right"], b["prior"], b.get("bias"), gate, type(t.module),
+                               b.get("scale"))  # a cache written before the scale was stored holds true σ
         replace_module(model, t.name, layer)
         layers[t.name] = layer
     return layers
