@@ -332,3 +332,30 @@ def test_dtype_auto_keeps_the_checkpoints_dtype(capsys, text_file, tmp_path, dty
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith((".A", ".B"))}
     assert dtypes == {expected}
+
+
+def test_a_bf16_run_exports_and_resumes_in_its_own_dtype(capsys, model_dir, text_file, tmp_path):
+    """The run folder records the dtype it trained in: `soco export` cuts it in that dtype (the checkpoint is
+    float32; it crashed on the mixed dtypes before), also for a folder older than that record (the basis file
+    says), and a resumption in another dtype is refused in one line."""
+    from safetensors import safe_open
+
+    out, run_dir = tmp_path / "s", tmp_path / "s.run"
+    args = ["compress", "--method", "soco", "--ratio", "0.4", "--model", model_dir, "--out", out, "--calib", text_file,
+            "--samples", "8", "--seq-len", "32", "--batch-size", "4", "--heal-steps", "0", "--no-eval",
+            "--set", "steps=3"]
+    code, _, err = run(capsys, *args, "--dtype", "bfloat16")
+    assert code == 0, err
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["dtype"] == "bfloat16"
+    code, _, err = run(capsys, *args, "--overwrite", "--resume", "--dtype", "float32")
+    _one_line_error(code, err, "was made in bfloat16")
+
+    del meta["dtype"]  # as written before the dtype was recorded
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    code, stdout, err = run(capsys, "export", "--from", run_dir, "--ratio", "0.6", "--out", tmp_path / "e",
+                            "--eval-data", text_file, "--eval-seq-len", "32", "--eval-windows", "2")
+    assert code == 0, err
+    assert "target ratio 0.600" in stdout and "nan" not in stdout.lower()
+    with safe_open(str(tmp_path / "e" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith((".A", ".B"))} == {torch.bfloat16}

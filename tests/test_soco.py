@@ -175,6 +175,18 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "nan" / "checkpoint.json").read_text())["step"] == 3
 
 
+@pytest.mark.parametrize("dtype,hint", [(torch.float16, True), (torch.float32, False)])
+def test_a_nan_loss_in_float16_suggests_bfloat16(monkeypatch, dtype, hint):
+    import soco_llm.core.teacher as soco
+
+    real = soco.student_kl
+    monkeypatch.setattr(soco, "student_kl", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(SocoError, match="NaN") as e:
+        soco_llm.compress(tiny_model("llama").to(dtype), SoCoConfig(ratio=0.4, steps=2, batch_size=4),
+                          random_windows(8, 32))
+    assert ("--dtype bfloat16" in str(e.value)) == hint
+
+
 def test_run_dir_is_not_reused_without_resume(tmp_path):
     _run(tmp_path, "r")
     with pytest.raises(SocoError, match="--resume"):

@@ -20,6 +20,7 @@ from ..base import CompressionConfig, config_for
 from .config import SoCoConfig
 from .cut import cut
 from .run_folder import BASIS_FILE, RUN_FILE, SCORES_FILE, load_basis, read_meta, restore_trained
+from .run_state import run_dtype
 from .spectral import GateState, install_spectral
 
 
@@ -46,15 +47,17 @@ def run_config(run_dir: str | os.PathLike) -> tuple[SoCoConfig, dict]:
 
 def export_from_run(run_dir: str | os.PathLike, ratio: float, dtype=None, device: str | torch.device = "cpu"
                     ) -> tuple[nn.Module, object, CompressionReport]:
-    """Cut a finished run at another ratio without retraining: (model, tokenizer, report)."""
+    """Cut a finished run at another ratio without retraining: (model, tokenizer, report). `dtype`: default, the
+    run's own (the model's checkpoint may be in another); the cut itself is computed in fp64 either way."""
     run_dir = Path(run_dir)
     cfg, meta = run_config(run_dir)
     check("ratio", ratio, float, CompressionConfig.rules["ratio"])
     start = time.perf_counter()
-    model, tok = load_model(meta.get("model"), dtype, device)
+    model, tok = load_model(meta.get("model"), dtype or run_dtype(run_dir, meta), device)
     before = model_params(model)
     targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
-    layers = install_spectral(model, targets, load_basis(run_dir, next(model.parameters()).device), GateState())
+    p = next(model.parameters())
+    layers = install_spectral(model, targets, load_basis(run_dir, p.device, p.dtype), GateState())
     scores = load_file(str(run_dir / SCORES_FILE))
     restore_trained(layers, scores)
     rows = cut(model, layers, ratio, cfg.deviation, cfg.rank_multiple)

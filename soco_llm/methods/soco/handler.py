@@ -28,7 +28,8 @@ def compress_soco(model: nn.Module, cfg: SoCoConfig, targets: list[Target], wind
                     cfg.rank_multiple)
     if cfg.blockwise and world()[1] > 1:
         raise SocoError("blockwise SoCo runs in one process; drop torchrun, or train the whole model (blockwise=false)")
-    run_dir, cached = run_folder.prepare(cfg, getattr(model, "name_or_path", None) or None)
+    run_dir, cached = run_folder.prepare(cfg, getattr(model, "name_or_path", None) or None,
+                                         next(model.parameters()).dtype)
     model.eval()
     phases = Phases(next(model.parameters()).device)
     try:

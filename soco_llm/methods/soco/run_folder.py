@@ -22,20 +22,23 @@ from ...runtime import world
 from .basis import flatten, unflatten
 from .config import SoCoConfig
 from .run_state import (BASIS_FILE, CHECKPOINT_FILE, RUN_FILE, SCORES_FILE, TEACHER_FILE, check_run_dir,  # noqa: F401
-                        checkpoint_step, kept_config, read_meta)
+                        check_run_dtype, checkpoint_step, kept_config, read_meta)
 from .spectral import SpectralLinear
 from ...core.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: SoCoConfig, model_spec: str | None) -> tuple[Path | None, bool]:
+def prepare(cfg: SoCoConfig, model_spec: str | None, dtype: torch.dtype) -> tuple[Path | None, bool]:
     """(run folder, whether its basis and teacher cache can be reused). Every rank checks; rank 0 writes."""
     if cfg.run_dir is None:
         return None, False
     check_run_dir(cfg)  # again: the folder may have changed since the CLI's preflight
     run_dir = Path(cfg.run_dir)
     meta = read_meta(run_dir)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if meta is not None:
+        check_run_dtype(run_dir, meta, dtype_name)
     if meta is not None and meta.get("model") != model_spec:  # may be the same model by another path: warn only
         log.warning("run folder %s was made from model %r; this run loads %r", run_dir, meta.get("model"), model_spec)
     cached = (run_dir / BASIS_FILE).is_file() and (run_dir / TEACHER_FILE).is_file()
@@ -44,7 +47,8 @@ def prepare(cfg: SoCoConfig, model_spec: str | None) -> tuple[Path | None, bool]
         dist.barrier()  # nobody writes before every rank has looked
     if rank == 0 and meta is None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / RUN_FILE, {"config": kept_config(cfg), "model": model_spec, "status": "running"})
+        atomic_write_json(run_dir / RUN_FILE, {"config": kept_config(cfg), "model": model_spec, "dtype": dtype_name,
+                                               "status": "running"})
     return run_dir, cached
 
 
@@ -65,9 +69,15 @@ def save_cache(run_dir: Path | None, basis: dict, teacher: Teacher | None) -> No
         save_tensors(run_dir, TEACHER_FILE, teacher.tensors())
 
 
-def load_basis(run_dir: Path, device: torch.device | str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
-    """The cached basis, read onto `device` (the model's: the spectral layers compute where their basis is)."""
-    return unflatten(load_file(str(run_dir / BASIS_FILE), device=str(device)))
+def load_basis(run_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+               ) -> dict[str, dict[str, torch.Tensor]]:
+    """The cached basis, read onto `device` (the model's: the spectral layers compute where their basis is);
+    with `dtype`, its factors in that dtype (the prior and scale keep theirs)."""
+    basis = unflatten(load_file(str(run_dir / BASIS_FILE), device=str(device)))
+    if dtype is not None:
+        for entry in basis.values():
+            entry.update({k: entry[k].to(dtype) for k in ("left", "sigma", "right", "bias") if k in entry})
+    return basis
 
 
 def load_teacher(run_dir: Path) -> Teacher:

@@ -50,6 +50,36 @@ def read_meta(run_dir: str | Path) -> dict | None:
     return meta
 
 
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def run_dtype(run_dir: Path, meta: dict) -> str | None:
+    """The dtype a run trained in (its basis is stored in it): run.json's, or for a folder written before it
+    was recorded there, the basis file's (its header only). None when neither says."""
+    if isinstance(meta.get("dtype"), str):
+        return meta["dtype"]
+    path = run_dir / BASIS_FILE
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            key = next((k for k in f.keys() if k.endswith("::left")), None)
+            return None if key is None else _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+    except Exception as e:  # noqa: BLE001 - any unreadable header is a damaged file
+        raise SocoError(f"{path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete "
+                        f"the run folder (rm -r {run_dir}) to start over") from None
+
+
+def check_run_dtype(run_dir: Path, meta: dict, dtype: str) -> None:
+    """A run's cached basis, checkpoints and teacher go on only in the dtype they were made in."""
+    made = run_dtype(run_dir, meta)
+    if made is not None and made != dtype:
+        raise SocoError(f"run folder {str(run_dir)!r} was made in {made}, this model is in {dtype}; resume with "
+                        f"--dtype {made}, or choose another --run-dir")
+
+
 def checkpoint_step(run_dir: Path) -> int | None:
     """The step of the last checkpoint, None without one."""
     path = run_dir / CHECKPOINT_FILE

@@ -46,6 +46,7 @@ def train_scores(layers: dict[str, SpectralLinear], gate: GateState, batch_loss:
         groups.append({"params": deltas, "lr": cfg.lr_bias})
     opt = torch.optim.Adam(groups)
     size = SizeModel(layers, cfg.deviation)
+    fp16 = any(l.left.dtype == torch.float16 for l in layers.values())
     full_frac = (float(size.cost.sum()) + size.fixed) / size.dense
     start, history = 0, []
     if cfg.resume and has_checkpoint(run_dir):
@@ -61,8 +62,9 @@ def train_scores(layers: dict[str, SpectralLinear], gate: GateState, batch_loss:
         for (step, p, _), (kl, size_loss, pol, soft_frac, finite) in zip(pending, values):
             if not finite:
                 # Resuming repeats the same steps (batches follow the seed), so it would diverge again.
+                half = " or in --dtype bfloat16 (float16 overflows past 65504)" if fp16 else ""
                 raise SocoError(f"the loss became NaN/inf at step {step + 1}; train again with a lower learning rate "
-                                f"(e.g. --set lr_scores={cfg.lr_scores / 10:g}) in a fresh run folder"
+                                f"(e.g. --set lr_scores={cfg.lr_scores / 10:g}){half} in a fresh run folder"
                                 f"{' (delete ' + str(run_dir) + ')' if run_dir else ''}")
             history.append({"step": step + 1, "stage": p.stage, "kl": kl, "size": size_loss, "polarize": pol,
                             "soft_ratio": 1 - soft_frac, "target": 1 - p.keep_frac, "temperature": p.temperature})
