@@ -1,6 +1,7 @@
 """Where a decode step's time goes, dense vs compressed: linears, attention, the rest (torch.profiler).
 
     python benchmarks/decode_profile.py --ratio 0.4 --threads 1
+    python benchmarks/decode_profile.py --ratio 0.4 --threads 1 --fast     # the compiled decode step
     python benchmarks/decode_profile.py --model shape:smollm2-360m --ratio 0.4 --markdown out.md
 
 speed.py says how much faster a compressed model decodes; this says why it is not faster still.
@@ -36,6 +37,10 @@ GROUPS = {  # group -> op-name prefixes; the first match wins
     "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::bmm", "aten::baddbmm",
                   "aten::_softmax"),
     "concatenation (KV cache, RoPE)": ("aten::cat",),
+    # --fast: inductor's fused C++ kernels and the Python wrapper that calls them and the extern matmuls
+    "compiled graph (fused kernels, wrapper)": ("## Call CompiledFxGraph", "Torch-Compiled Region",
+                                                "Pregraph bytecode"),
+    "Dynamo guard checks": ("TorchDynamo Cache Lookup",),
 }
 OTHER, OUTSIDE, STEP = "other tensor ops", "outside ops (Python, dispatch, profiler)", "whole step, profiled"
 
@@ -113,7 +118,8 @@ def markdown(rows: dict, labels: list[str], stats: dict, facts: dict, command: s
     lines += ["", f"Model: {facts['model']}. Hardware: {hw['cpu']}, {hw['usable_cpus']} usable CPUs, torch "
               f"{hw['torch']} with {facts['threads']} thread(s), transformers {hw.get('transformers')}; 1-min load "
               f"average {hw.get('load_average_1min')} at start, {facts['load_end']} at end.",
-              f"Greedy `generate` after a {facts['prompt']}-token prompt; per token = (N={facts['new_tokens']} new "
+              f"Greedy `generate`{' on the fast path (static KV cache, compiled decode step)' if facts.get('fast') else ''}"
+              f" after a {facts['prompt']}-token prompt; per token = (N={facts['new_tokens']} new "
               f"tokens − 1 new token) / (N−1), median of {facts['repeats']}. Groups are op self times; *outside ops* "
               "is wall time not inside any aten op. *weight-bandwidth limit*: dense / compressed weights read per "
               "token (LM head included, embedding lookup not). *with the factors at dense bandwidth*: the profiled "
@@ -130,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=33)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--fast", action="store_true", help="profile the fast path (soco_llm.fast_inference: static KV "
+                   "cache, compiled decode step) for both models; the warm-up pays for compilation")
     p.add_argument("--json", default=None, help="write the numbers here (atomically)")
     p.add_argument("--markdown", default=None, help="write the tables here (atomically)")
     return p
@@ -146,9 +154,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SocoError("--ratio must be in (0, 1), --new-tokens >= 2 and --repeats >= 1")
         torch.set_num_threads(args.threads)
         tune_malloc()
-        settings = BenchSettings([1], args.decode_prompt, args.new_tokens, 1, args.repeats, "cpu", args.threads)
+        settings = BenchSettings([1], args.decode_prompt, args.new_tokens, 1, args.repeats, "cpu", args.threads,
+                                 fast=args.fast)
         hardware = hardware_info("cpu")
         loaded = load_models(args.model, [args.ratio], [], settings)
+        if args.fast:
+            from soco_llm.inference import fast_inference
+
+            for _, model, _ in loaded:
+                fast_inference(model)
         labels = [info["label"] for info, _, _ in loaded]
         rows = {info["label"]: per_token(model, pad, settings) for info, model, pad in loaded}
     except SocoError as e:
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = {
         "model": args.model or "default (bundled SmolLM2-135M-Instruct)", "hardware": hardware,
         "threads": torch.get_num_threads(), "prompt": args.decode_prompt, "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "load_end": load_average_1min(),
+        "repeats": args.repeats, "load_end": load_average_1min(), "fast": args.fast,
         "mib": [w["decode_params"] * elem / MiB for w in wstats],
         "gbs": [w["decode_params"] * elem / (rows[label][lin] / 1e3) / 1e9 for w, label in zip(wstats, labels)],
     }

@@ -145,6 +145,20 @@ def test_decode_profile_groups_a_decode_step(monkeypatch, tmp_path, capsys):
     assert profile.main(["--ratio", "1.2"]) == 2 and "--ratio must be in (0, 1)" in capsys.readouterr().err
 
 
+def test_decode_profile_of_the_fast_path_names_the_compiled_graph(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(shapes.SHAPES, "tiny-test", TINY_SHAPE)
+    profile = load_script("decode_profile")
+    assert profile.group_of("TorchDynamo Cache Lookup") == "Dynamo guard checks"
+    assert profile.group_of("## Call CompiledFxGraph fabc ##").startswith("compiled graph")
+    out_json = tmp_path / "profile.json"
+    assert profile.main(["--model", "shape:tiny-test", "--ratio", "0.4", "--decode-prompt", "8", "--new-tokens", "3",
+                         "--repeats", "1", "--fast", "--json", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    assert data["facts"]["fast"] is True and "on the fast path" in capsys.readouterr().out
+    for row in data["rows"].values():  # decode steps ran in the compiled graph, their matmuls still aten::mm
+        assert row["compiled graph (fused kernels, wrapper)"] > 0 and row["linears (mm, addmm)"] > 0
+
+
 def test_speed_script_combines_fresh_processes(model_dir, tmp_path):
     speed = load_script("speed")
     assert speed.strip_options(["--ratios", "0.4", "--processes", "3", "--json", "a.json", "--markdown=b.md"]) == [
