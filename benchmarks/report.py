@@ -4,8 +4,8 @@
     python benchmarks/report.py --check    # write nothing; exit 1 if a result JSON is missing or RESULTS.md is stale
 
 Inputs: compare_methods.json (perplexity), zeroshot.json (accuracy), speed_cpu.json (speed and
-memory), decode_profile_cpu.md, speed_cpu_360m.md, layer_crossover_cpu.md, soco_bench.json,
-heal/heal_table.json (healing side by side) with heal_cli.md, and compare_methods.json in any other
+memory), decode_profile_cpu.md and decode_profile_fast_cpu.md, speed_cpu_360m.md, layer_crossover_cpu.md,
+soco_bench.json, heal/heal_table.json (healing side by side) with heal_cli.md, and compare_methods.json in any other
 subfolder (extra runs). A missing input gives a "not measured yet: run
 <command>" line in its section. The output has no generation date, so it changes only when the inputs change.
 """
@@ -46,6 +46,9 @@ COMMANDS = {
     "decode_profile_cpu.md": "OMP_NUM_THREADS=1 python benchmarks/decode_profile.py --ratio 0.4 --threads 1 "
                              "--new-tokens 64 --json benchmarks/results/decode_profile_cpu.json "
                              "--markdown benchmarks/results/decode_profile_cpu.md",
+    "decode_profile_fast_cpu.md": "OMP_NUM_THREADS=1 python benchmarks/decode_profile.py --ratio 0.4 --threads 1 "
+                                  "--new-tokens 64 --fast --json benchmarks/results/decode_profile_fast_cpu.json "
+                                  "--markdown benchmarks/results/decode_profile_fast_cpu.md",
     "heal/heal_table.json": "python benchmarks/heal_table.py --ratios 0.2 0.4 0.6 --heal-steps 60 --out-dir "
                             "benchmarks/results/heal --jobs 2 --threads 1",
     "speed_cpu_360m.md": "OMP_NUM_THREADS=1 python benchmarks/speed.py --model shape:smollm2-360m --ratios 0.4 "
@@ -233,6 +236,7 @@ def speed_section(inputs: Inputs, out: Path) -> list[str]:
     for name, title in (("decode_profile_cpu.md", "Where a decode step's time goes (ratio 0.4)"),
                         ("speed_cpu_360m.md", "A larger shape: SmolLM2-360M, random weights"),
                         ("speed_cpu_fast_intel.md", "The fast path (static KV cache, compiled decode), Intel Xeon"),
+                        ("decode_profile_fast_cpu.md", "Where a compiled decode step's time goes (fast path, 0.4)"),
                         ("sibling_gemm_cpu.md", "One GEMM for the A factors of sibling layers (not adopted)")):
         text = inputs.text(name)
         lines += [f"### {title}", ""] + ([_untitled(text), ""] if text else not_measured(name))
