@@ -15,9 +15,12 @@ import torch.distributed as dist
 from .errors import SocoError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 DTYPE_CHOICES = ["auto", *DTYPES]  # auto: the checkpoint's own dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: the name configs and run records store."""
+    return str(dtype).removeprefix("torch.")
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

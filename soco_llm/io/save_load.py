@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import SocoError
-from ..runtime import parse_dtype
+from ..runtime import dtype_name, parse_dtype
 from . import hf_quantizer  # noqa: F401  registers the format, so from_pretrained below can rebuild it
 from .atomic import atomic_dir, atomic_write_json
 from .dense import FORMAT_KEYS, check_dense_folder, merge_to_dense
@@ -47,7 +47,7 @@ def _config_dict(model: nn.Module) -> dict:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if dtype is not None:
         for key in {"dtype", "torch_dtype"} & set(d) or {"dtype"}:  # transformers 5 writes dtype, 4 torch_dtype
-            d[key] = str(dtype).removeprefix("torch.")
+            d[key] = dtype_name(dtype)
     return d
 
 

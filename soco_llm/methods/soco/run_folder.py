@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from ...errors import SocoError
 from ...io.atomic import atomic_save_tensors, atomic_write_json
-from ...runtime import world
+from ...runtime import dtype_name, world
 from .basis import flatten, unflatten
 from .config import SoCoConfig
 from .run_state import (BASIS_FILE, CHECKPOINT_FILE, RUN_FILE, SCORES_FILE, TEACHER_FILE, check_run_dir,  # noqa: F401
@@ -36,9 +36,8 @@ def prepare(cfg: SoCoConfig, model_spec: str | None, dtype: torch.dtype) -> tupl
     check_run_dir(cfg)  # again: the folder may have changed since the CLI's preflight
     run_dir = Path(cfg.run_dir)
     meta = read_meta(run_dir)
-    dtype_name = str(dtype).removeprefix("torch.")
     if meta is not None:
-        check_run_dtype(run_dir, meta, dtype_name)
+        check_run_dtype(run_dir, meta, dtype_name(dtype))
     if meta is not None and meta.get("model") != model_spec:  # may be the same model by another path: warn only
         log.warning("run folder %s was made from model %r; this run loads %r", run_dir, meta.get("model"), model_spec)
     cached = (run_dir / BASIS_FILE).is_file() and (run_dir / TEACHER_FILE).is_file()
@@ -47,7 +46,7 @@ def prepare(cfg: SoCoConfig, model_spec: str | None, dtype: torch.dtype) -> tupl
         dist.barrier()  # nobody writes before every rank has looked
     if rank == 0 and meta is None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / RUN_FILE, {"config": kept_config(cfg), "model": model_spec, "dtype": dtype_name,
+        atomic_write_json(run_dir / RUN_FILE, {"config": kept_config(cfg), "model": model_spec, "dtype": dtype_name(dtype),
                                                "status": "running"})
     return run_dir, cached
 

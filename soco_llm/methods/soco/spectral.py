@@ -58,7 +58,7 @@ class SpectralLinear(nn.Module):
         self.register_buffer("prior", prior.to(torch.float32), persistent=False)
         # σ and A₀ come divided and multiplied by `scale` (a power of two; see basis.half_precision_scale), so
         # that they fit half precision; the true singular values are sigma · scale.
-        scale = torch.ones((), dtype=torch.float64) if scale is None else scale
+        scale = torch.ones((), dtype=torch.float64, device=left.device) if scale is None else scale
         self.register_buffer("scale", scale.to(device=left.device, dtype=torch.float64), persistent=False)
         self.register_buffer("orig_bias", None if bias is None else bias.to(dtype), persistent=False)
         self.dense_cls = dense_cls  # what the cut's LowRankLinear turns back into
