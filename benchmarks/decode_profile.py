@@ -49,8 +49,9 @@ def group_of(op: str) -> str:
     return next((g for g, prefixes in GROUPS.items() if op.startswith(prefixes)), OTHER)
 
 
-def profile_ms(fn) -> dict[str, float]:
-    """Milliseconds per group for one call of `fn`, from op self times; the rest of the wall time is OUTSIDE."""
+def profile_ms(fn, calls: dict[str, int] | None = None) -> dict[str, float]:
+    """Milliseconds per group for one call of `fn`, from op self times; the rest of the wall time is OUTSIDE.
+    `calls`, where given, adds up how many ops of each group ran: what ran, which no load on the machine changes."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -60,13 +61,17 @@ def profile_ms(fn) -> dict[str, float]:
     out = dict.fromkeys([*GROUPS, OTHER], 0.0)
     for event in prof.key_averages():
         out[group_of(event.key)] += event.self_cpu_time_total / 1e3
+        if calls is not None:
+            calls[group_of(event.key)] = calls.get(group_of(event.key), 0) + event.count
     out[OUTSIDE] = wall - sum(out.values())
     out[STEP] = wall
     return out
 
 
-def per_token(model, pad: int | None, settings: BenchSettings) -> dict[str, float]:
-    """Median over repeats of (profile(generate N) - profile(generate 1)) / (N - 1), per group, plus unprofiled time."""
+def per_token(model, pad: int | None, settings: BenchSettings, calls: dict[str, int] | None = None
+              ) -> dict[str, float]:
+    """Median over repeats of (profile(generate N) - profile(generate 1)) / (N - 1), per group, plus unprofiled time.
+    `calls`: the ops of each group that the profiled N-token runs called (see `profile_ms`)."""
     import torch
 
     work = workloads(model, settings, pad)
@@ -79,7 +84,7 @@ def per_token(model, pad: int | None, settings: BenchSettings) -> dict[str, floa
             one_fn()
         profiled, timed = [], []
         for _ in range(settings.repeats):
-            many, one = profile_ms(many_fn), profile_ms(one_fn)
+            many, one = profile_ms(many_fn, calls), profile_ms(one_fn)
             profiled.append({k: (many[k] - one[k]) / (n - 1) for k in many})
             wall_many, wall_one = time_once(many_fn, device)[0], time_once(one_fn, device)[0]
             timed.append(1e3 * (wall_many - wall_one) / (n - 1))
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             for _, model, _ in loaded:
                 fast_inference(model)
         labels = [info["label"] for info, _, _ in loaded]
-        rows = {info["label"]: per_token(model, pad, settings) for info, model, pad in loaded}
+        calls = {info["label"]: {} for info, _, _ in loaded}
+        rows = {info["label"]: per_token(model, pad, settings, calls[info["label"]]) for info, model, pad in loaded}
     except SocoError as e:
         print(f"decode_profile.py: error: {e}", file=sys.stderr)
         return 2
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line(__file__, argv)
     date = utc_now()
     emit(markdown(rows, labels, stats, facts, command, date), args.markdown, args.json,
-         {"rows": rows, "summary": stats, "facts": facts, "command": command, "date": date})
+         {"rows": rows, "calls": calls, "summary": stats, "facts": facts, "command": command, "date": date})
     return 0
 
 

@@ -13,7 +13,7 @@ from .checks import at_least, option_type
 from .commands import COMMANDS
 from .heal import HealConfig
 from .errors import SocoError
-from .eval.perplexity import EVAL_RULES
+from .eval.perplexity import EVAL_RULES, EVAL_SEQ_LEN
 from .methods import METHODS, ASVDConfig, CalibrationConfig, CompressionConfig, Interrupted
 from .runtime import DEVICE_CHOICES, DTYPE_CHOICES, keep_freed_host_memory
 
@@ -62,8 +62,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                         "wikitext2, c4, ptb, or a text file (default bundled)")
     p.add_argument("--eval-windows", type=option_type(int, EVAL_RULES["max_windows"]), default=24,
                    help="number of windows to score; 0 = all (default 24)")
-    p.add_argument("--eval-seq-len", type=option_type(int, EVAL_RULES["seq_len"]), default=512,
-                   help="evaluation window length (default 512)")
+    p.add_argument("--eval-seq-len", type=option_type(int, EVAL_RULES["seq_len"]), default=None,
+                   help=f"evaluation window length (default {EVAL_SEQ_LEN}, or the model's positions where fewer)")
     p.add_argument("--eval-batch-size", type=option_type(int, EVAL_RULES["batch_size"]), default=4)
 
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--samples", type=_calib["num_samples"], default=None,
                    help="calibration windows (default 32; soco: 256)")
     c.add_argument("--seq-len", type=_calib["seq_len"], default=None,
-                   help="calibration window length (default 512; soco: 256)")
+                   help="calibration window length (default 512, or the model's positions where fewer; soco: 256)")
     c.add_argument("--seed", type=_calib["seed"], default=0)
     c.add_argument("--batch-size", type=_calib["batch_size"], default=None, help="calibration / training batch size")
     c.add_argument("--sequential", action="store_true",

@@ -13,11 +13,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .compress import compress
-from .data import calibration_windows, check_source
+from .compress import check_target, compress, compressed_bytes
+from .data import BUNDLED_SOURCES, HF_DATASETS, calibration_windows, check_source
 from .errors import SocoError
 from .core.teacher import teacher_cache
 from .eval.generate import generate
+from .eval.perplexity import EVAL_SEQ_LEN
 from .command_stages import (HEAL_WINDOWS, check_eval_data, eval_record, evaluate, heal_config, heal_stage,
                              run_teacher, soco_caches_heal_teacher)
 from .methods.soco.run_folder import load_teacher
@@ -26,7 +27,7 @@ from .info import print_info
 from .io import atomic, check_folder, export_dense, save_compressed
 from .methods import METHODS, config_for, export_from_run
 from .methods.soco import run_config
-from .models import load_model
+from .models import fit_window, load_model
 from .runtime import init_distributed, is_main_process, resolve_device
 
 
@@ -80,17 +81,33 @@ def method_kwargs(args) -> tuple[dict, str | None]:
     return kwargs, preset
 
 
+def _read_paths(args) -> list[str]:
+    """The files and folders a command reads, beside its model: text files of --calib and --eval-data."""
+    sources = [getattr(args, "calib", None), *(getattr(args, "eval_data", None) or [])]
+    return [s for s in sources if s and s not in BUNDLED_SOURCES + HF_DATASETS]
+
+
 def check_out(out: str, overwrite: bool, *inputs) -> None:
-    """The output folder can be written as asked, checked before any work: not a file, not one of the inputs,
-    and with --overwrite only a model folder (or an empty one) is replaced, never a folder of other files."""
+    """The output folder can be written as asked, checked before any work: not a file or a dangling link, not an
+    input and holding none (--overwrite would delete it), writable where it is to be made, and with --overwrite
+    only a model folder (or an empty one) is replaced, never a folder of other files."""
     path = Path(out)
     if not out.strip():
         raise SocoError("--out is empty; give the output folder's path")
-    if any(i is not None and Path(i).resolve() == path.resolve() for i in inputs):
-        raise SocoError(f"--out {out!r} is also an input of this command; write to another folder")
+    if path.is_symlink() and not path.exists():
+        raise SocoError(f"--out {out!r} is a symbolic link to nothing; remove the link or choose another --out")
     if path.exists() and not path.is_dir():
         raise SocoError(f"--out {out!r} is a file; give a folder path")
-    ancestor = next(p for p in path.absolute().parents if p.exists())
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if source == path.resolve():
+            raise SocoError(f"--out {out!r} is also an input of this command; write to another folder")
+        if source.is_relative_to(path.resolve()):
+            raise SocoError(f"--out {out!r} holds {given!r}, an input of this command, which writing there would "
+                            "delete; write to another folder")
+    ancestor = atomic.nearest_folder(path)
     if not ancestor.is_dir():
         raise SocoError(f"--out {out!r} cannot be made: {str(ancestor)!r} is a file")
     if path.exists() and not overwrite:
@@ -98,6 +115,13 @@ def check_out(out: str, overwrite: bool, *inputs) -> None:
     if path.exists() and any(path.iterdir()) and not (path / "config.json").is_file():
         raise SocoError(f"--overwrite replaces model folders only, and {out!r} holds no config.json; "
                         "delete it yourself or choose another --out")
+    atomic.check_writable(path, "--out")
+
+
+def fit_eval_window(model, args) -> None:
+    """--eval-seq-len as the model can read it: by default 512 tokens, or fewer for a model that reads fewer."""
+    given = args.eval_seq_len is not None
+    args.eval_seq_len = fit_window(model, args.eval_seq_len if given else EVAL_SEQ_LEN, "--eval-seq-len", given)
 
 
 def cmd_compress(args) -> None:
@@ -114,11 +138,19 @@ def cmd_compress(args) -> None:
     if baseline is not None and not args.eval:
         raise SocoError("--baseline compares perplexities; drop --no-eval")
     check_eval_data(args)
-    check_out(args.out, args.overwrite, args.model, getattr(config, "run_dir", None))
+    check_out(args.out, args.overwrite, args.model, getattr(config, "run_dir", None), *_read_paths(args))
     heal_cfg = heal_config(args, args.seed, config.heal_defaults())
     init_distributed(device)  # under torchrun / accelerate launch; a no-op otherwise
     main_process = is_main_process()
     model, tok = load_model(args.model, args.dtype, device)
+    # What needs the model's shapes, before any work: the ratio can be met, the windows fit, the output fits.
+    targets = check_target(model, config)
+    calib.seq_len = fit_window(model, calib.seq_len, "--seq-len",
+                               given=args.seq_len is not None or "seq_len" in _fields(args.method))
+    if args.eval:
+        fit_eval_window(model, args)
+    if main_process:
+        atomic.check_free_space(args.out, compressed_bytes(model, targets, config.ratio), "--out")
     dense = evaluate(model, tok, args, "dense", keep=True) if args.eval and main_process else None
     rows = [("dense", dense)] if dense is not None else []
     if baseline is not None and main_process:
@@ -147,6 +179,7 @@ def cmd_compress(args) -> None:
 def _run_baseline(model, tok, config, args, dense=None) -> dict:
     """Compress a copy of the dense model with a baseline method, print its perplexity, drop it."""
     calib = config.calibration(args.calib, args.seed)
+    calib.seq_len = fit_window(model, calib.seq_len, "--baseline's calibration", given=False)
     windows = calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed) if config.needs else None
     report = compress(model, config, windows, calib)
     print(report.summary())
@@ -175,11 +208,13 @@ def cmd_export(args) -> None:
     device = resolve_device(args.device)
     cfg, _ = run_config(args.run)  # run.json readable and valid, before the model is loaded
     check_eval_data(args)
-    check_out(args.out, args.overwrite, args.run)
+    check_out(args.out, args.overwrite, args.run, *_read_paths(args))
     heal_cfg = heal_config(args, cfg.seed, cfg.heal_defaults())  # SoCo's own healing, as `compress` gives it
     if heal_cfg.steps:
         teacher = run_teacher(Path(args.run))
     model, tok, report = export_from_run(args.run, args.ratio, device=device)
+    if args.eval:
+        fit_eval_window(model, args)
     if heal_cfg.steps:
         heal_stage(model, tok, report, args, heal_cfg, teacher, teacher.windows, None, [], True)
     print(report.summary())
@@ -195,6 +230,7 @@ def cmd_eval(args) -> None:
         return
     check_eval_data(args)
     model, tok = load_model(args.model, args.dtype, device)  # a compressed folder's format is checked first
+    fit_eval_window(model, args)
     evaluate(model, tok, args, "perplexity")
 
 

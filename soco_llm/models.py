@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from .core.stats import nonfinite_weight
 from .data import package_dir
@@ -26,14 +28,57 @@ def cache_dir() -> Path:
     """User cache for dense copies; override with SOCO_LLM_CACHE."""
     env = os.environ.get("SOCO_LLM_CACHE")
     if env:
-        return Path(env)
+        path = Path(env)
+        if path.exists() and not path.is_dir():
+            raise SocoError(f"SOCO_LLM_CACHE={env!r} is a file; point it at a folder (it is made if missing)")
+        return path
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "soco-llm"
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_exact(info: dict, spec: str, arch: str) -> None:
+    """A model loads exactly or not at all: transformers only reports tensors that its architecture needs and
+    the weights lack (then initialised at random), tensors it drops, and tensors of the wrong shape. A config
+    that names another architecture than its weights (model_type bert over Llama weights) shows as both."""
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{len(v)} {what} (first: {v[0] if isinstance(v[0], str) else v[0][0]})"
+             for what, v in (("missing from its weights", missing), ("in its weights with no place in it", unexpected),
+                             ("of another shape than its weights", mismatched)) if v]
+    hint = ("config.json names another architecture than its weights" if missing and unexpected
+            else "its weight files are incomplete or damaged")
+    raise SocoError(f"model {spec!r} does not load exactly as {arch}: tensor(s) {'; '.join(parts)}, which would run "
+                    f"as random weights; {hint}: re-create or re-download it")
+
+
+GGUF_MAGIC = b"GGUF"
+
+
 def _from_gguf(path: Path, dtype: torch.dtype | None):
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise SocoError(f"GGUF file {str(path)!r} cannot be read ({_first_line(e)})") from None
+    if magic != GGUF_MAGIC:
+        what = "is empty" if not magic else "is not a GGUF file (it does not start with the GGUF magic bytes)"
+        raise SocoError(f"{str(path)!r} {what}; give a complete .gguf file, a model folder or a hub id")
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with _quiet_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                               output_loading_info=True, dtype=dtype or torch.float32)
+    except Exception as e:  # noqa: BLE001 - a truncated file fails anywhere in gguf's parser (struct.error, ...)
+        raise SocoError(f"GGUF file {str(path)!r} is truncated or damaged ({_first_line(e)}); download it again") \
+            from None
+    check_exact(info, str(path), type(model).__name__)
     # The weights are dequantized floats now; drop the GGUF marker so the model saves as a plain HF model.
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attr):
@@ -63,6 +108,18 @@ def default_model_dir() -> Path:
             raise
         log.info("another process made %s meanwhile; using it", target)
     return target
+
+
+@contextmanager
+def _quiet_load_report():
+    """transformers prints a multi-line report of missing and unexpected tensors, and loads on; `check_exact`
+    turns the same facts into one line and stops, so the report would only bury that line."""
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def _ready(model, tok, spec: str, device: torch.device):
@@ -109,11 +166,39 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype | None = None, 
             check_folder(path)
     kw = {"trust_remote_code": trust_remote_code}
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto", **kw)
+        with _quiet_load_report():
+            # Mismatched shapes are reported here rather than raised, so that `check_exact` can name them.
+            model, info = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto", output_loading_info=True,
+                                                               ignore_mismatched_sizes=True, **kw)
         tok = AutoTokenizer.from_pretrained(spec, **kw)
     except SocoError:
         raise
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SocoError(f"could not load model {spec!r}: {first}") from e
+    except Exception as e:  # noqa: BLE001 - a damaged config, weight or tokenizer file, a network failure, ...
+        raise SocoError(f"could not load model {spec!r}: {_first_line(e)}") from e
+    check_exact(info, spec, type(model).__name__)
     return _ready(model, tok, spec, device)
+
+
+def learned_positions(model) -> int | None:
+    """The longest window a model can read, where its config says (GPT-2's n_positions, OPT's or Llama's
+    max_position_embeddings); None where it does not."""
+    config = model.config
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_window(model, seq_len: int, option: str, given: bool) -> int:
+    """`seq_len`, if the model can read windows that long. Otherwise a length the user gave is an error that
+    names its option, and a default is cut to the model's length (GPT-2 and OPT index learned positions, so a
+    longer window fails deep inside their forward pass)."""
+    limit = learned_positions(model)
+    if limit is None or seq_len <= limit:
+        return seq_len
+    if given:
+        raise SocoError(f"{option} {seq_len} is longer than the {limit} positions {type(model).__name__} reads; "
+                        f"use {option} {limit} or less")
+    log.info("%s: windows of %d tokens, the most %s reads (default %d)", option, limit, type(model).__name__, seq_len)
+    return limit

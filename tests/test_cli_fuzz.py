@@ -157,3 +157,35 @@ def test_export_dense_option(capsys, monkeypatch, tmp_path, world, option):
 def test_clean_path(capsys, monkeypatch, tmp_path, world, flags):
     for value in HOSTILE:
         _check(capsys, monkeypatch, tmp_path, world, ["clean", value, *flags], f"clean {value!r} {flags}")
+
+
+# Every file a command reads may be damaged: in a copy of its folder each file is cut short (a safetensors file)
+# or replaced by other bytes (the rest), and every command that reads that folder ends in success or in one line,
+# writing nothing. (`generate` and `export-dense` load through the same code as `eval`.)
+READERS = {  # folder -> commands that read it ("{dir}" is the damaged copy)
+    "model": [["eval", "{dir}", "--eval-seq-len", "16", "--eval-windows", "1", "--eval-data", "{text}"],
+              ["compress", "--method", "svd", "--ratio", "0.4", "--model", "{dir}", "--out", "out", "--no-eval",
+               "--calib", "{text}", "--samples", "4", "--seq-len", "16"]],
+    "compressed": [["eval", "{dir}", "--eval-seq-len", "16", "--eval-windows", "1", "--eval-data", "{text}"],
+                   ["info", "{dir}"]],
+    "soco.run": [["export", "--from", "{dir}", "--ratio", "0.5", "--out", "out", "--no-eval", "--heal-steps", "1"]],
+}
+
+
+def _damaged(data: bytes, name: str) -> bytes:
+    return data[: len(data) // 2] if name.endswith(".safetensors") else b"\x80not it" * 9
+
+
+@pytest.mark.parametrize("folder", sorted(READERS))
+def test_damaged_file(capsys, monkeypatch, tmp_path, world, folder):
+    import shutil
+
+    names = sorted(p.name for p in (world / folder).iterdir() if p.is_file())
+    assert names, folder
+    for name in names:
+        copy = tmp_path / f"{folder}-{name}"
+        shutil.copytree(world / folder, copy)
+        (copy / name).write_bytes(_damaged((copy / name).read_bytes(), name))
+        for argv in READERS[folder]:
+            argv = [{"{dir}": str(copy), "{text}": str(world / "text.txt")}.get(a, a) for a in argv]
+            _check(capsys, monkeypatch, tmp_path, world, argv, f"damaged {folder}/{name}")

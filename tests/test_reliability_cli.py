@@ -292,10 +292,12 @@ def test_nan_weights_are_named_not_blamed_on_the_dtype(capsys, text_file, tmp_pa
     assert_one_line_error(code, err, "model.layers.1.mlp.up_proj.weight")
 
 
-def test_text_too_short_names_the_option_that_set_the_length(capsys, model_dir, text_file, tmp_path):
-    code, _, err = run(capsys, "eval", model_dir, "--eval-data", text_file, "--eval-seq-len", "100000")
+def test_text_too_short_names_the_option_that_set_the_length(capsys, model_dir, tmp_path):
+    short = tmp_path / "short.txt"  # 100 tokens: too short for one window of 200, which the model can read
+    short.write_text("A few words of text, " * 5)
+    code, _, err = run(capsys, "eval", model_dir, "--eval-data", short, "--eval-seq-len", "200")
     assert_one_line_error(code, err, "smaller --eval-seq-len")
-    code, _, err = run(capsys, *_compress(model_dir, text_file, tmp_path / "o", "--no-eval"), "--seq-len", "100000")
+    code, _, err = run(capsys, *_compress(model_dir, short, tmp_path / "o", "--no-eval"), "--seq-len", "200")
     assert_one_line_error(code, err, "smaller --seq-len")
 
 

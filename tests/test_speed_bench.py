@@ -138,7 +138,9 @@ def test_decode_profile_groups_a_decode_step(monkeypatch, tmp_path, capsys):
     dense, comp = data["rows"]["dense"], data["rows"]["svd 0.4"]
     for row in (dense, comp):  # the groups add up to the profiled step
         parts = sum(v for k, v in row.items() if not k.startswith("whole step"))
-        assert parts == pytest.approx(row[profile.STEP]) and row["linears (mm, addmm)"] > 0
+        assert parts == pytest.approx(row[profile.STEP])
+    for calls in data["calls"].values():  # what ran, not how long it took (a derived time may be < 0 under load)
+        assert calls["linears (mm, addmm)"] > 0
     assert data["summary"]["weight-bandwidth limit"] > 1
     assert data["summary"]["linears alone"] == pytest.approx(dense["linears (mm, addmm)"] / comp["linears (mm, addmm)"])
     assert out_md.read_text() in capsys.readouterr().out and "| linears (mm, addmm) |" in out_md.read_text()
@@ -155,8 +157,11 @@ def test_decode_profile_of_the_fast_path_names_the_compiled_graph(monkeypatch, t
                          "--repeats", "1", "--fast", "--json", str(out_json)]) == 0
     data = json.loads(out_json.read_text())
     assert data["facts"]["fast"] is True and "on the fast path" in capsys.readouterr().out
-    for row in data["rows"].values():  # decode steps ran in the compiled graph, their matmuls still aten::mm
-        assert row["compiled graph (fused kernels, wrapper)"] > 0 and row["linears (mm, addmm)"] > 0
+    # Decode steps ran in the compiled graph, their matmuls still aten::mm: asserted on the ops that ran, never on
+    # their times (a derived time is a difference of two timings and can come out below 0 on a loaded machine).
+    assert set(data["calls"]) == set(data["rows"])
+    for calls in data["calls"].values():
+        assert calls["compiled graph (fused kernels, wrapper)"] > 0 and calls["linears (mm, addmm)"] > 0
 
 
 def test_speed_script_combines_fresh_processes(model_dir, tmp_path):

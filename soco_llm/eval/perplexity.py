@@ -25,6 +25,7 @@ from ..data import eval_windows
 from ..errors import SocoError
 
 # What the evaluation settings may be; the CLI's --eval-* options are parsed with the same rules.
+EVAL_SEQ_LEN = 512  # the default window, for models that read that many positions
 EVAL_RULES = {"seq_len": at_least(2), "max_windows": at_least(0, note="0: all"), "batch_size": at_least(1)}
 
 
@@ -96,7 +97,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, bos
                             Teacher.concat(kept) if kept else None)
 
 
-def evaluate_perplexity(model: nn.Module, tokenizer, source: str = "bundled", seq_len: int = 512,
+def evaluate_perplexity(model: nn.Module, tokenizer, source: str = "bundled", seq_len: int = EVAL_SEQ_LEN,
                         max_windows: int | None = 24, batch_size: int = 4, reference: Teacher | None = None,
                         keep_topk: int = 0) -> PerplexityResult:
     """Perplexity on held-out text: 'bundled' (BoolQ dev passages), 'pubmed' (PubMedQA abstracts), wikitext2,

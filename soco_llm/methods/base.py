@@ -63,6 +63,9 @@ class CompressionConfig:
     # 1 (no rounding) is the default on every device: on the CPU, ranks padded to 16 decoded no faster
     # (session 3); the GPU default waits for a measurement on a GPU (none lent yet): try 8 or 64 there.
     rank_multiple: int = 1
+    # The named preset the settings started from (`config_for`), which a method's recipe may read: SoCo's
+    # "quick" run does not heal, whatever single value of it is changed.
+    preset: str | None = None
 
     @property
     def needs(self) -> frozenset[str]:
@@ -86,6 +89,9 @@ class CompressionConfig:
     def validate(self) -> None:
         """Every field's type and range (cheap: runs before any model is loaded); subclasses add cross-field checks."""
         check_fields(self, f"{self.method} setting " if self.method else "")
+        if self.preset is not None and self.preset not in self.presets:
+            raise SocoError(f"{self.method or 'this method'} has no preset {self.preset!r}"
+                            + (f"; presets: {', '.join(sorted(self.presets))}" if self.presets else ""))
         for field in ("target_modules", "exclude_modules"):
             for pattern in getattr(self, field) or []:
                 try:
@@ -97,6 +103,11 @@ class CompressionConfig:
     def preflight(self) -> None:
         """Checks of the files this config will use (SoCo: its run folder): read-only and cheap, so the CLI
         runs them before loading anything. Nothing to check for a method without files of its own."""
+
+    @property
+    def adds_bias(self) -> bool:
+        """Whether a compressed layer gets a bias of its own (it counts in the budget, `budget.bias_cost`)."""
+        return False
 
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -141,10 +152,11 @@ def handler_for(config: CompressionConfig) -> Handler:
     raise SocoError(f"no handler registered for {type(config).__name__}; call soco_llm.methods.register first")
 
 
-def config_for(method: str, preset: str | None = None, **kwargs) -> CompressionConfig:
+def config_for(method: str, preset: str | None = None, /, **kwargs) -> CompressionConfig:
     """Build and validate the config of a method by name, e.g. config_for("svd-llm", ratio=0.4).
 
-    `preset`: one of the config class's named presets; explicit settings override it.
+    `preset`: one of the config class's named presets; explicit settings override it, and the config records
+    its name (the field `preset`).
     """
     if method not in METHODS:
         raise SocoError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
@@ -153,7 +165,7 @@ def config_for(method: str, preset: str | None = None, **kwargs) -> CompressionC
         if preset not in cls.presets:
             raise SocoError(f"method {method!r} has no preset {preset!r}"
                             + (f"; presets: {', '.join(sorted(cls.presets))}" if cls.presets else ""))
-        kwargs = {**cls.presets[preset], **kwargs}
+        kwargs = {**cls.presets[preset], "preset": preset, **kwargs}
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(kwargs) - known
     if unknown:

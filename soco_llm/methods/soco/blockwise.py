@@ -16,17 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ...core.adapter import Target
 from ...core.budget import LayerRank
 from ...core.stats import BlockRunner, block_output
 from ...errors import SocoError
+from ...io.read import read_tensors
 from .basis import basis_entry
 from .config import SoCoConfig
 from .cut import cut
-from .run_folder import SCORES_FILE, restore_trained, save_tensors, trained_tensors
+from .run_folder import SCORES_FILE, restore_trained, save_tensors, start_over, trained_tensors
 from .spectral import GateState, install_spectral
 from ...core.teacher import BatchLoss
 from .train import freeze, train_scores
@@ -59,7 +59,7 @@ def compress_blockwise(model: nn.Module, cfg: SoCoConfig, windows: torch.Tensor,
                                                          for t in block_targets}, gate)
         done = f"block-{i:04d}.safetensors"
         if run_dir is not None and cfg.resume and (run_dir / done).is_file():  # trained before an interruption
-            restore_trained(layers, load_file(str(run_dir / done)))
+            restore_trained(layers, read_tensors(run_dir / done, start_over(run_dir)))
         else:
             with torch.enable_grad():
                 loss = block_loss(block, runner.block_inputs, runner.block_outputs)

@@ -59,6 +59,10 @@ class SoCoConfig(CompressionConfig):
     resume: bool = False
 
     @property
+    def adds_bias(self) -> bool:
+        return self.deviation
+
+    @property
     def needs(self) -> frozenset[str]:
         """Training windows always; XᵀX for the whitened basis."""
         return frozenset({"windows", "xtx"} if self.basis == "whitened" else {"windows"})
@@ -89,7 +93,7 @@ class SoCoConfig(CompressionConfig):
         # at 0.4 (SoCo's cut is already near the dense model: a large step over-fits the calibration text).
         # A block-wise run is for models whose whole-model training does not fit, and caches no teacher: off.
         # So is a --quick run (its settings are the preset's): a short run asked for, `soco export` of one too.
-        quick = all(getattr(self, k) == v for k, v in self.presets["quick"].items())
+        quick = self.preset == "quick" or all(getattr(self, k) == v for k, v in self.presets["quick"].items())
         return {} if self.blockwise or quick else {"steps": 60, "lr": 3e-5}
 
     def preflight(self) -> None:

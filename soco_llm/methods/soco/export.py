@@ -8,19 +8,19 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ...checks import check
 from ...core.adapter import find_targets
 from ...core.report import CompressionReport, model_params
 from ...errors import SocoError
+from ...io.read import read_tensors
 from ...models import load_model
 from ..base import CompressionConfig, config_for
 from .config import SoCoConfig
 from .cut import cut
 from .run_folder import BASIS_FILE, RUN_FILE, SCORES_FILE, load_basis, read_meta, restore_trained
-from .run_state import run_dtype
+from .run_state import run_dtype, start_over
 from .spectral import GateState, install_spectral
 
 
@@ -58,7 +58,7 @@ def export_from_run(run_dir: str | os.PathLike, ratio: float, dtype=None, device
     targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
     p = next(model.parameters())
     layers = install_spectral(model, targets, load_basis(run_dir, p.device, p.dtype), GateState())
-    scores = load_file(str(run_dir / SCORES_FILE))
+    scores = read_tensors(run_dir / SCORES_FILE, start_over(run_dir))
     restore_trained(layers, scores)
     rows = cut(model, layers, ratio, cfg.deviation, cfg.rank_multiple)
     config = cfg.record(ratio, run_dir=run_dir)

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from ...core.adapter import Target
-from ...core.budget import budget_params, check_reachable
 from ...core.phases import Phases
 from ...errors import SocoError
 from ...runtime import world
@@ -23,9 +22,6 @@ def compress_soco(model: nn.Module, cfg: SoCoConfig, targets: list[Target], wind
                   _calibration: CalibrationConfig) -> MethodResult:
     """Train SoCo on `windows` [N, L] and cut `model` in place at cfg.ratio."""
     torch.manual_seed(cfg.seed)
-    shapes = {t.name: t.shape for t in targets}
-    check_reachable(shapes, budget_params(sum(m * n for m, n in shapes.values()), cfg.ratio), cfg.deviation,
-                    cfg.rank_multiple)
     if cfg.blockwise and world()[1] > 1:
         raise SocoError("blockwise SoCo runs in one process; drop torchrun, or train the whole model (blockwise=false)")
     run_dir, cached = run_folder.prepare(cfg, getattr(model, "name_or_path", None) or None,

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from ...errors import SocoError
 from ...io.atomic import atomic_save_tensors, atomic_write_json
+from ...io.read import read_tensors
 from ...runtime import dtype_name, world
 from .basis import flatten, unflatten
 from .config import SoCoConfig
 from .run_state import (BASIS_FILE, CHECKPOINT_FILE, RUN_FILE, SCORES_FILE, TEACHER_FILE, check_run_dir,  # noqa: F401
-                        check_run_dtype, checkpoint_step, kept_config, read_meta)
+                        check_run_dtype, checkpoint_step, kept_config, read_meta, start_over)
 from .spectral import SpectralLinear
 from ...core.teacher import Teacher
 
@@ -72,7 +72,7 @@ def load_basis(run_dir: Path, device: torch.device | str = "cpu", dtype: torch.d
                ) -> dict[str, dict[str, torch.Tensor]]:
     """The cached basis, read onto `device` (the model's: the spectral layers compute where their basis is);
     with `dtype`, its factors in that dtype (the prior and scale keep theirs)."""
-    basis = unflatten(load_file(str(run_dir / BASIS_FILE), device=str(device)))
+    basis = unflatten(read_tensors(run_dir / BASIS_FILE, start_over(run_dir), device))
     if dtype is not None:
         for entry in basis.values():
             entry.update({k: entry[k].to(dtype) for k in ("left", "sigma", "right", "bias") if k in entry})
@@ -80,7 +80,7 @@ def load_basis(run_dir: Path, device: torch.device | str = "cpu", dtype: torch.d
 
 
 def load_teacher(run_dir: Path) -> Teacher:
-    return Teacher(**load_file(str(run_dir / TEACHER_FILE)))
+    return Teacher(**read_tensors(run_dir / TEACHER_FILE, start_over(run_dir)))
 
 
 def trained_tensors(layers: dict[str, SpectralLinear]) -> dict[str, torch.Tensor]:
@@ -123,10 +123,7 @@ def load_checkpoint(run_dir: Path, layers: dict[str, SpectralLinear], opt: torch
                     ) -> tuple[int, list[dict]]:
     step = checkpoint_step(run_dir)
     meta = json.loads((run_dir / CHECKPOINT_FILE).read_text())
-    try:
-        t = load_file(str(run_dir / "checkpoint.safetensors"))
-    except Exception as e:
-        raise SocoError(f"checkpoint in {run_dir} is corrupt ({e}); delete it to restart the run") from e
+    t = read_tensors(run_dir / "checkpoint.safetensors", start_over(run_dir))
     restore_trained(layers, t)
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):

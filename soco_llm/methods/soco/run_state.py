@@ -9,10 +9,10 @@ blankly, and an interrupted run says what it kept.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ...errors import SocoError
+from ...io.read import read_json
 
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.json"
@@ -29,12 +29,13 @@ def kept_config(cfg) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
 
 
+def start_over(run_dir: Path) -> str:
+    """What to do about a damaged file of a run folder."""
+    return f"the run folder is damaged: delete it (rm -r {run_dir}) to start over"
+
+
 def _read_json(path: Path, what: str, run_dir: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SocoError(f"{path} is not valid JSON ({str(e).splitlines()[0]}): the {what} is damaged; delete the run "
-                        f"folder (rm -r {run_dir}) to start over") from None
+    return read_json(path, f"the {what} is damaged; delete the run folder (rm -r {run_dir}) to start over")
 
 
 def read_meta(run_dir: str | Path) -> dict | None:
@@ -121,7 +122,9 @@ def check_run_dir(cfg) -> None:
         return
     if cfg.resume:
         keep, made = kept_config(cfg), meta["config"]
-        differ = sorted(k for k in set(keep) | set(made) if keep.get(k) != made.get(k))
+        # `preset` is recorded since this version: a run recorded without it resumes under any preset name.
+        differ = sorted(k for k in set(keep) | set(made) if keep.get(k) != made.get(k)
+                        and (k != "preset" or k in made))
         if differ:
             shown = ", ".join(f"{k}={made.get(k)!r} (now {keep.get(k)!r})" for k in differ)
             raise SocoError(f"run folder {str(run_dir)!r} was made with other settings: {shown}; resume with the "
