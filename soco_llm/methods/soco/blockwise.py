@@ -25,9 +25,9 @@ from ...core.stats import BlockRunner, block_output
 from ...errors import SocoError
 from .basis import basis_entry
 from .config import SoCoConfig
-from .cut import cut
-from .run_folder import SCORES_FILE, restore_trained, save_tensors, trained_tensors
-from .spectral import GateState, install_spectral
+from ...learned.cut import cut
+from ...learned.run_folder import SCORES_FILE, restore_trained, save_tensors, trained_tensors
+from ...learned.spectral import GateState, install_spectral
 from ...core.teacher import BatchLoss
 from .train import freeze, train_scores
 
