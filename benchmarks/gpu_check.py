@@ -26,7 +26,7 @@ from harness.outputs import emit  # noqa: E402
 from harness.shapes import SHAPES, random_model  # noqa: E402
 
 import soco_llm  # noqa: E402
-from soco_llm.methods.soco.run_folder import load_teacher  # noqa: E402
+from soco_llm.learned.run_folder import load_teacher  # noqa: E402
 from soco_llm.heal import HealConfig, heal  # noqa: E402
 from soco_llm.runtime import parse_dtype  # noqa: E402
 

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     from soco_llm import SoCoConfig, calibration_windows
     from soco_llm.core.adapter import find_targets
     from soco_llm.methods.soco.basis import decompose_targets
-    from soco_llm.methods.soco.spectral import GateState, SpectralLinear, install_spectral
+    from soco_llm.learned.spectral import GateState, SpectralLinear, install_spectral
     from soco_llm.methods.soco.train import freeze, train_scores
     from soco_llm.models import load_model
     from soco_llm.runtime import resolve_device
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     gate = GateState()
     layers = install_spectral(model, targets, decompose_targets(model, cfg, targets, None), gate)
     freeze(model)
-    start = {n: (l.scores.detach().clone(), l.delta.detach().clone()) for n, l in layers.items()}
+    start = {n: (l.scores.detach().clone(), l.deviation.detach().clone()) for n, l in layers.items()}
     library_kl, library_split = teacher_module.kl_to_teacher, teacher_module.head_split
     # name: (label, KL of whole logits, kept-only product on the CPU, chunked head)
     known = {"library": ("library (chunked head KL, kept components only on the CPU)", library_kl, True, True),
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         fn, kept_only, chunked = variant
         with torch.no_grad():
             for n, l in layers.items():
-                l.scores.copy_(start[n][0]), l.delta.copy_(start[n][1])
+                l.scores.copy_(start[n][0]), l.deviation.copy_(start[n][1])
         teacher_module.kl_to_teacher = fn  # student_kl looks it up at each call
         teacher_module.head_split = library_split if chunked else (lambda *a: None)  # None: whole logits
         SpectralLinear.kept_only_on_cpu = kept_only

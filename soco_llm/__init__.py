@@ -18,6 +18,7 @@ from .core.layer import LowRankLinear  # noqa: E402
 from .core.report import CompressionReport  # noqa: E402
 from .data import calibration_windows, eval_windows  # noqa: E402
 from .errors import SocoError  # noqa: E402
+from .heal import HealConfig  # noqa: E402
 from .eval.perplexity import evaluate_perplexity, perplexity  # noqa: E402
 from .inference import fast_inference  # noqa: E402
 from .io import export_dense, load, merge_to_dense, save_compressed, save_dense  # noqa: E402
@@ -26,7 +27,7 @@ from .methods import (ASVDConfig, CalibrationConfig, CompressionConfig, FWSVDCon
 from .models import load_model  # noqa: E402
 
 __all__ = [
-    "ASVDConfig", "CalibrationConfig", "CompressionConfig", "CompressionReport", "FWSVDConfig", "LowRankLinear",
+    "ASVDConfig", "CalibrationConfig", "CompressionConfig", "CompressionReport", "FWSVDConfig", "HealConfig", "LowRankLinear",
     "SVDConfig", "SVDLLMConfig", "SoCoConfig", "export_from_run", "SocoError", "calibration_windows", "compress",
     "config_for", "config_from_dict", "eval_windows", "evaluate_perplexity", "export_dense", "fast_inference", "load", "load_model",
     "merge_to_dense", "perplexity", "register", "save_compressed", "save_dense",

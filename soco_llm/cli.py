@@ -1,5 +1,6 @@
 """The `soco` command line: its parser and `main` (one line on stderr and exit code 2 for bad input).
-The subcommands themselves are in `commands.py`."""
+The subcommands themselves are in `commands.py`. It knows no method: method options, defaults and
+presets in the help come from the registered configs (`cli_options`, `calibration()`, `heal_defaults()`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import logging
 import os
 import shlex
 import sys
+import typing
 
-from .checks import at_least, option_type
+from .checks import at_least, class_rules, option_type
 from .commands import COMMANDS
 from .heal import HealConfig
 from .errors import SocoError
 from .eval.perplexity import EVAL_RULES, EVAL_SEQ_LEN
-from .methods import METHODS, ASVDConfig, CalibrationConfig, CompressionConfig, Interrupted
+from .core.trainer import Interrupted
+from .methods import METHODS, CalibrationConfig, CompressionConfig
 from .runtime import DEVICE_CHOICES, DTYPE_CHOICES, keep_freed_host_memory
 
 log = logging.getLogger("soco_llm")
@@ -35,16 +38,21 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
                    "(default auto)")
 
 
+def _recipes(key: str, fmt: str = "{}") -> str:
+    """`key` of each method's default healing (its recipe, `heal_defaults()` of a default config), else HealConfig's."""
+    given = {m: cls().heal_defaults().get(key) for m, cls in sorted(METHODS.items())}
+    named = "; ".join(f"{fmt.format(v)} for {m}" for m, v in given.items() if v is not None)
+    return (named + "; " if named else "") + f"{fmt.format(getattr(HealConfig, key))} for the other methods"
+
+
 def _add_heal_args(p: argparse.ArgumentParser) -> None:
     rules = HealConfig.rules
-    soco_heal = METHODS["soco"]().heal_defaults()
     p.add_argument("--heal-steps", type=option_type(int, rules["steps"]), default=None,
                    help="after the cut, train the kept factors this many steps by KL to the dense model (0: off); "
-                        f"checkpoints in OUT.heal, continued with --resume (default: {soco_heal['steps']} for SoCo, "
-                        "whole-model and not --quick; 0 for the other methods)")
+                        "checkpoints in OUT.heal, continued with --resume (default: the method's recipe, as "
+                        f"soco_llm.compress gives it: {_recipes('steps')}; a recipe may depend on the run's settings)")
     p.add_argument("--heal-lr", type=option_type(float, rules["lr"]), default=None,
-                   help=f"healing's learning rate (default: {soco_heal['lr']:g} for SoCo, {HealConfig.lr:g} for the "
-                        "other methods)")
+                   help=f"healing's learning rate (default: {_recipes('lr', '{:g}')})")
     p.add_argument("--heal-schedule", choices=rules["schedule"].choices, default=HealConfig.schedule,
                    help="healing's learning rate over its steps: constant, or cosine (a short warm-up, then down "
                         f"to 0) (default {HealConfig.schedule})")
@@ -76,6 +84,32 @@ def _add_zeroshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-fewshot", type=int, default=0, help="with --tasks: few-shot examples (default 0)")
 
 
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """Each registered config's `cli_options`: --field-name, typed and ranged as the field."""
+    seen: set[str] = set()
+    for cls in (METHODS[m] for m in sorted(METHODS)):
+        hints = typing.get_type_hints(cls)
+        for name, text in cls.cli_options.items():
+            if name in seen:
+                continue
+            seen.add(name)
+            users = ", ".join(m for m in sorted(METHODS) if name in METHODS[m].cli_options)
+            tp = next((t for t in (bool, int, float, str) if t in (hints[name], *typing.get_args(hints[name]))), str)
+            flag = "--" + name.replace("_", "-")
+            if tp is bool:
+                p.add_argument(flag, dest=name, action="store_true", default=None, help=f"{users}: {text}")
+            else:
+                p.add_argument(flag, dest=name, default=None, help=f"{users}: {text}",
+                               type=option_type(tp, class_rules(cls).get(name), name=name))
+
+
+def _calibration_default(key: str) -> str:
+    """The default of a calibration size, and where a method's config has its own."""
+    base = getattr(CalibrationConfig, key)
+    own = {m: getattr(cls().calibration(), key) for m, cls in sorted(METHODS.items())}
+    return "; ".join([f"default {base}"] + [f"{m}: {v}" for m, v in own.items() if v != base])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="soco", description="Compress Hugging Face causal LMs by low-rank factorisation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -89,25 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--calib", default="bundled", help="calibration text: bundled, pubmed, wikitext2, c4, ptb, or a text file")
     c.add_argument("--samples", type=_calib["num_samples"], default=None,
-                   help="calibration windows (default 32; soco: 256)")
+                   help=f"calibration windows ({_calibration_default('num_samples')})")
     c.add_argument("--seq-len", type=_calib["seq_len"], default=None,
-                   help="calibration window length (default 512, or the model's positions where fewer; soco: 256)")
+                   help=f"calibration window length ({_calibration_default('seq_len')})")
     c.add_argument("--seed", type=_calib["seed"], default=0)
     c.add_argument("--batch-size", type=_calib["batch_size"], default=None, help="calibration / training batch size")
     c.add_argument("--sequential", action="store_true",
                    help="feed each block the outputs of the already-compressed earlier blocks")
-    c.add_argument("--alpha", type=option_type(float, ASVDConfig.rules["alpha"]), default=None,
-                   help="ASVD activation exponent, in [0, 1] (default 0.5)")
+    _add_method_options(c)
     c.add_argument("--target-modules", nargs="+", default=None, help="module names or regexes to compress")
     c.add_argument("--exclude-modules", nargs="+", default=None, help="module names or regexes to leave dense")
     c.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="any field of the method's config, value as JSON, e.g. --set steps=300 basis='\"plain\"'")
     c.add_argument("--preset", default=None, help="a named preset of the method's settings: "
                    + "; ".join(f"{m}: {', '.join(sorted(c.presets))}" for m, c in sorted(METHODS.items()) if c.presets))
-    c.add_argument("--quick", action="store_true", help="--preset quick; soco: a short run (60 steps of 2x256 tokens, "
-                   "under a fifth of the default's training tokens): faster, at higher perplexity")
-    c.add_argument("--run-dir", default=None, help="soco: checkpoints and basis (default: OUT.run)")
-    c.add_argument("--resume", action="store_true", help="soco: continue the run in --run-dir")
+    c.add_argument("--quick", action="store_true", help="--preset quick (" + ", ".join(
+                   sorted(m for m, cls in METHODS.items() if "quick" in cls.presets)) + "): a short run, faster, "
+                   "at higher perplexity")
+    c.add_argument("--resume", action="store_true", help="continue the learned method's run in --run-dir, and the "
+                   "healing in OUT.heal")
     c.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
                    help="the model's dtype while compressing and in the saved folder (default: float32; auto: the "
                         "checkpoint's own, e.g. float16 for many Llama-2 and OPT checkpoints)")
@@ -130,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("folder")
     i.add_argument("--json", action="store_true", help="print the compression section as JSON")
 
-    r = sub.add_parser("export", help="cut a finished SoCo run at another ratio, without retraining (and heal it, "
-                       "with --heal-steps, on the run's own windows and cached teacher)")
-    r.add_argument("--from", dest="run", required=True, help="the SoCo run folder (OUT.run of `soco compress`)")
+    r = sub.add_parser("export", help="cut a finished run of a learned method (soco) at another ratio, without "
+                       "retraining (and heal it, with --heal-steps, on the run's own windows and cached teacher)")
+    r.add_argument("--from", dest="run", required=True, help="the run folder (OUT.run of `soco compress`)")
     r.add_argument("--ratio", required=True, type=_ratio)
     r.add_argument("--out", required=True)
     r.add_argument("--overwrite", action="store_true")

@@ -1,21 +1,20 @@
 """The stages `soco compress` and `soco export` share around the cut: perplexity on every --eval-data
-source with the held-out KL to the dense model (measured in the same pass), and healing with its
-checkpoint rules (never restarted over unasked, continued with --resume, Ctrl-C says how to go on).
+source with the held-out KL to the dense model (measured in the same pass), healing's settings from the
+command line with its checkpoint rules (never restarted over unasked, continued with --resume), the
+unhealed model's measurement, and the teacher a finished run cached. Knows no method by name.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from .data import check_source
 from .errors import SocoError
 from .eval.perplexity import evaluate_perplexity
-from .heal import HealConfig, heal, heal_checkpoint_step, heal_record
-from .methods import Interrupted, SoCoConfig
-from .methods.soco.run_folder import TEACHER_FILE, load_teacher
+from .heal import HealConfig, heal_checkpoint_step
+from .learned.run_folder import TEACHER_FILE, load_teacher
 
-HELDOUT_TOPK = SoCoConfig.teacher_topk  # the dense log-probs kept on held-out windows: as many as SoCo trains on
+HELDOUT_TOPK = HealConfig.teacher_topk  # the dense log-probs kept on held-out windows: as many as training uses
 
 
 def evaluate(model, tok, args, label: str, reference: dict | None = None, keep: bool = False) -> dict:
@@ -40,17 +39,6 @@ def check_eval_data(args) -> None:
             check_source(source, "--eval-data")
 
 
-HEAL_WINDOWS = SoCoConfig()  # the windows and teacher top-k healing uses for every method: SoCo's defaults
-
-
-def soco_caches_heal_teacher(config, seed: int) -> bool:
-    """Whether `config` is a whole-model SoCo run whose cached teacher is the one healing wants."""
-    if not isinstance(config, SoCoConfig) or config.blockwise or not config.run_dir:
-        return False
-    wanted = (HEAL_WINDOWS.num_samples, HEAL_WINDOWS.seq_len, seed, HEAL_WINDOWS.teacher_topk)
-    return (config.num_samples, config.seq_len, config.seed, config.teacher_topk) == wanted
-
-
 def heal_config(args, seed: int, defaults: dict) -> HealConfig:
     """Healing's settings from the command line, where it gives them, else the method's `defaults`
     (`heal_defaults()` of its config), else HealConfig's (off); checkpoints in OUT.heal."""
@@ -67,27 +55,19 @@ def heal_config(args, seed: int, defaults: dict) -> HealConfig:
     return cfg
 
 
-def heal_stage(model, tok, report, args, heal_cfg, teacher, windows, dense, rows, main_process: bool) -> None:
-    """Heal the cut model; with evaluation, the unhealed model is measured first (a row of its own), so one run
-    gives the method with and without healing on the same windows."""
-    if args.eval and main_process:
-        before = evaluate(model, tok, args, report.method, dense)
-        rows.append((report.method, before))
-        report.config.setdefault("eval", {})["before_heal"] = eval_record(before)
-    start = time.perf_counter()
-    try:
-        history = heal(model, teacher, windows, heal_cfg)
-    except KeyboardInterrupt:
-        step = heal_checkpoint_step(Path(heal_cfg.run_dir))
-        if step is None:
-            raise
-        raise Interrupted(f"{heal_cfg.run_dir} keeps the healing checkpoint at step {step} of {heal_cfg.steps}"
-                          ) from None
-    report.config["heal"] = heal_record(heal_cfg, history, time.perf_counter() - start)
+def measure_before_heal(tok, args, dense, rows, main_process: bool):
+    """The `on_cut` of `compress()`: with evaluation, the unhealed model is measured (a row of its own), so one
+    run gives the method with and without healing on the same windows."""
+    def on_cut(model, report) -> None:
+        if args.eval and main_process:
+            before = evaluate(model, tok, args, report.method, dense)
+            rows.append((report.method, before))
+            report.config.setdefault("eval", {})["before_heal"] = eval_record(before)
+    return on_cut
 
 
 def run_teacher(run_dir: Path):
-    """The dense teacher a SoCo run cached, with the windows it is for: what healing after an export needs."""
+    """The dense teacher a learned run cached, with the windows it is for: what healing after an export needs."""
     try:
         teacher = load_teacher(run_dir)
     except Exception as e:  # missing (a blockwise run caches none) or damaged

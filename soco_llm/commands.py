@@ -1,9 +1,11 @@
 """What each `soco` subcommand does, given its parsed arguments; the parser lives in `cli.py`.
 
-Generic over methods: the command line's options become config fields of the same name where
-the method's config has them, presets come from the config class, and calibration sizes from
-`config.calibration(...)`. Every command checks all its inputs (options, config, files, output folder)
-before it loads a model, so bad input costs nothing and writes nothing.
+Knows no method: the command line's options become config fields of the same name where the method's
+config has them (`cli_options`, the calibration sizes, --run-dir / --resume), presets come from the config
+class, calibration sizes from `config.calibration(...)`, the recipe (healing included) is `compress()`'s,
+and `soco export` re-cuts a run of any learned method (`learned.recut`). Every command checks all its
+inputs (options, config, files, output folder) before it loads a model, so bad input costs nothing and
+writes nothing.
 """
 
 from __future__ import annotations
@@ -16,17 +18,16 @@ from pathlib import Path
 from .compress import check_target, compress, compressed_bytes
 from .data import BUNDLED_SOURCES, HF_DATASETS, calibration_windows, check_source
 from .errors import SocoError
-from .core.teacher import teacher_cache
 from .eval.generate import generate
 from .eval.perplexity import EVAL_SEQ_LEN
-from .command_stages import (HEAL_WINDOWS, check_eval_data, eval_record, evaluate, heal_config, heal_stage,
-                             run_teacher, soco_caches_heal_teacher)
-from .methods.soco.run_folder import load_teacher
+from .command_stages import (check_eval_data, eval_record, evaluate, heal_config, measure_before_heal,
+                             run_teacher)
+from .heal import HealConfig, heal_report
 from .eval.zeroshot import check_options, evaluate_tasks, format_results, task_manager
 from .info import print_info
 from .io import atomic, check_folder, export_dense, save_compressed
-from .methods import METHODS, config_for, export_from_run
-from .methods.soco import run_config
+from .learned.recut import export_from_run, run_config
+from .methods import METHODS, config_for
 from .models import fit_window, load_model
 from .runtime import init_distributed, is_main_process, resolve_device
 
@@ -44,8 +45,11 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
-# CLI options that set the config field of the same name, for methods whose config has that field.
-FIELD_OPTIONS = {"alpha": "alpha", "run_dir": "run_dir", "resume": "resume"}
+def field_options() -> dict[str, str]:
+    """CLI options that set the config field of the same name, for methods whose config has that field: every
+    config's `cli_options`, and --resume (a learned method's run; else healing's, OUT.heal)."""
+    names = {name for cls in METHODS.values() for name in cls.cli_options} | {"resume"}
+    return {name: name for name in sorted(names)}
 # Calibration options: a method that trains on its own windows (a config field of that name) takes them as
 # settings; for the others they size the calibration windows.
 CALIBRATION_OPTIONS = {"samples": "num_samples", "seq_len": "seq_len", "batch_size": "batch_size", "seed": "seed"}
@@ -60,7 +64,7 @@ def method_kwargs(args) -> tuple[dict, str | None]:
     fields = _fields(args.method)
     kwargs = {"ratio": args.ratio, "sequential": args.sequential, "target_modules": args.target_modules,
               "exclude_modules": args.exclude_modules}
-    for option, name in FIELD_OPTIONS.items():
+    for option, name in field_options().items():
         value = getattr(args, option)
         if value is None or value is False:  # not given (0 is a value: --alpha 0 is plain SVD)
             continue
@@ -157,18 +161,14 @@ def cmd_compress(args) -> None:
         rows.append((baseline.method, _run_baseline(copy.deepcopy(model), tok, baseline, args, dense)))
     windows = (calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
                if config.needs else None)  # a data-free method reads no text
-    # Every method heals on the same tokens against the same teacher (SoCo's default training windows),
-    # cached from the dense model before the cut, so SVD-LLM + healing is a fair baseline. A whole-model SoCo
-    # run on those very windows caches that teacher in its run folder already: read it, do not recompute it.
-    reuse = heal_cfg.steps and soco_caches_heal_teacher(config, args.seed)
-    if heal_cfg.steps and not reuse:
-        heal_windows = calibration_windows(tok, calib.source, HEAL_WINDOWS.num_samples, HEAL_WINDOWS.seq_len, args.seed)
-        teacher = teacher_cache(model, heal_windows, HEAL_WINDOWS.teacher_topk, heal_cfg.batch_size)
-    report = compress(model, config, windows, calib)
-    if reuse:
-        heal_windows, teacher = windows, load_teacher(Path(config.run_dir))
-    if heal_cfg.steps:
-        heal_stage(model, tok, report, args, heal_cfg, teacher, heal_windows, dense, rows, main_process)
+    # Every method heals on the same tokens against the same teacher (SoCo's default training windows, cached
+    # from the dense model before the cut), so SVD-LLM + healing is a fair baseline. A method whose run caches
+    # that very teacher hands it back (`teacher_windows()`): it is not computed twice.
+    heal_windows = None
+    if heal_cfg.steps and config.teacher_windows() != heal_cfg.teacher_windows():
+        heal_windows = calibration_windows(tok, calib.source, heal_cfg.num_samples, heal_cfg.seq_len, heal_cfg.seed)
+    on_cut = measure_before_heal(tok, args, dense, rows, main_process) if heal_cfg.steps else None
+    report = compress(model, config, windows, calib, heal_cfg, heal_windows, on_cut)
     if not main_process:
         return
     report.config["calibration"] = vars(calib)
@@ -181,7 +181,7 @@ def _run_baseline(model, tok, config, args, dense=None) -> dict:
     calib = config.calibration(args.calib, args.seed)
     calib.seq_len = fit_window(model, calib.seq_len, "--baseline's calibration", given=False)
     windows = calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed) if config.needs else None
-    report = compress(model, config, windows, calib)
+    report = compress(model, config, windows, calib, HealConfig())  # the method alone: healing is --heal-steps'
     print(report.summary())
     return evaluate(model, tok, args, config.method, dense)
 
@@ -209,14 +209,15 @@ def cmd_export(args) -> None:
     cfg, _ = run_config(args.run)  # run.json readable and valid, before the model is loaded
     check_eval_data(args)
     check_out(args.out, args.overwrite, args.run, *_read_paths(args))
-    heal_cfg = heal_config(args, cfg.seed, cfg.heal_defaults())  # SoCo's own healing, as `compress` gives it
+    heal_cfg = heal_config(args, cfg.seed, cfg.heal_defaults())  # the method's own healing, as `compress` gives it
     if heal_cfg.steps:
         teacher = run_teacher(Path(args.run))
     model, tok, report = export_from_run(args.run, args.ratio, device=device)
     if args.eval:
         fit_eval_window(model, args)
     if heal_cfg.steps:
-        heal_stage(model, tok, report, args, heal_cfg, teacher, teacher.windows, None, [], True)
+        measure_before_heal(tok, args, None, [], True)(model, report)
+        heal_report(model, report, teacher, heal_cfg)
     print(report.summary())
     _finish(model, tok, report, args)
 

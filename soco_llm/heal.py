@@ -4,38 +4,34 @@ not change: only the values of the factors the cut kept.
 
 `mode` says what trains: the factors themselves ("factors"; float32 master copies of a bf16 / fp16
 model's), or a low-rank adapter on each factor, merged back exactly at the end ("adapter"), both in
-core/factor_adapter.py; both leave the same shapes.
-Checkpointed and resumable like SoCo's training: each step's batch comes from a
-generator seeded by (seed, step), so a resumed run ends where an uninterrupted one does.
+core/factor_params.py; both leave the same shapes.
+Run by the one training loop (`core/trainer.py`), so checkpointed and resumable as SoCo's training is: each
+step's batch comes from a generator seeded by (seed, step), so a resumed run ends where an uninterrupted one
+does; its checkpoint records the mode, which a resume must repeat.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from .checks import SEED, Rule, above, at_least, check_fields, one_of
-from .core.factor_adapter import attach_factor_adapters, attach_factor_masters, merge_factor_parametrizations
+from .core.factor_params import attach_factor_adapters, attach_factor_masters, merge_factor_parametrizations
 from .core.layer import LowRankLinear
 from .core.teacher import Teacher, kl_batch_loss
+from .core.trainer import Run, checkpoint_step, train
 from .errors import SocoError
-from .io.atomic import atomic_save_tensors, atomic_write_json
 from .runtime import world
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "heal_checkpoint.safetensors"
-CHECKPOINT_META = "heal_checkpoint.json"
 MODES = ("factors", "adapter")
 SCHEDULES = ("constant", "cosine")
 _STREAM = 500_009  # healing draws its own batches, apart from SoCo's training stream of the same seed
@@ -48,7 +44,8 @@ class HealConfig:
     rules: ClassVar[dict[str, Rule]] = {"steps": at_least(0, note="0: off"), "lr": above(0),
                                         "batch_size": at_least(1), "checkpoint_every": at_least(1), "seed": SEED,
                                         "mode": one_of(*MODES), "adapter_rank": at_least(1),
-                                        "schedule": one_of(*SCHEDULES)}
+                                        "schedule": one_of(*SCHEDULES), "num_samples": at_least(1),
+                                        "seq_len": at_least(2), "teacher_topk": at_least(1)}
 
     steps: int = 0
     lr: float = 1e-4
@@ -60,9 +57,18 @@ class HealConfig:
     adapter_rank: int = 16
     run_dir: str | None = None  # checkpoints; None = none
     resume: bool = False
+    # The windows the CLI heals every method on, and the teacher's top-k: SoCo's default training windows, so
+    # a default SoCo run's cached teacher is the one healing wants (tests/test_heal.py checks they agree).
+    num_samples: int = 256
+    seq_len: int = 256
+    teacher_topk: int = 128
 
     def validate(self) -> None:
         check_fields(self, "heal setting ")
+
+    def teacher_windows(self) -> tuple[int, int, int, int]:
+        """(windows, window length, seed, top-k): compared with `CompressionConfig.teacher_windows()`."""
+        return self.num_samples, self.seq_len, self.seed, self.teacher_topk
 
 
 def factor_layers(model: nn.Module) -> dict[str, LowRankLinear]:
@@ -72,47 +78,10 @@ def factor_layers(model: nn.Module) -> dict[str, LowRankLinear]:
     return layers
 
 
-def _save(run_dir: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
-          history: list[dict], mode: str) -> None:
-    tensors = {k: p.detach() for k, p in params.items()}
-    for i, p in enumerate(params.values()):
-        for key, value in opt.state.get(p, {}).items():
-            tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).reshape(-1) if key == "step" else value
-    atomic_save_tensors(run_dir / CHECKPOINT, tensors)
-    atomic_write_json(run_dir / CHECKPOINT_META, {"step": step, "history": history, "mode": mode})
-
-
 def heal_checkpoint_step(run_dir: Path) -> int | None:
-    """The step of the healing checkpoint in `run_dir`, None when there is none (or it cannot be read)."""
-    try:
-        return int(json.loads((run_dir / CHECKPOINT_META).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-@torch.no_grad()
-def _load(run_dir: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
-          mode: str) -> tuple[int, list[dict]]:
-    try:
-        meta = json.loads((run_dir / CHECKPOINT_META).read_text())
-        t = load_file(str(run_dir / CHECKPOINT))
-    except Exception as e:  # a damaged checkpoint: say which and what to do
-        raise SocoError(f"the healing checkpoint in {run_dir} is damaged ({str(e).splitlines()[0]}); delete "
-                        f"{CHECKPOINT} and {CHECKPOINT_META} to heal from the start") from e
-    saved_mode = meta.get("mode", "factors")  # checkpoints from before adapters trained the factors
-    if saved_mode != mode:
-        raise SocoError(f"the healing checkpoint in {run_dir} trained {saved_mode!r}, not {mode!r}; resume with "
-                        f"--heal-mode {saved_mode}, or delete it to heal from the start")
-    for i, (k, p) in enumerate(params.items()):
-        if k not in t or t[k].shape != p.shape:
-            raise SocoError(f"the healing checkpoint in {run_dir} is for another model ({k}); delete it or choose "
-                            "another run folder")
-        p.copy_(t[k])
-        if f"opt.{i}.exp_avg" in t:
-            opt.state[p] = {"step": t[f"opt.{i}.step"].reshape(()).clone(),
-                            "exp_avg": t[f"opt.{i}.exp_avg"].to(p.device).clone(),
-                            "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"].to(p.device).clone()}
-    return int(meta["step"]), meta["history"]
+    """The step of the healing checkpoint in `run_dir`, None when there is none; one an older soco-llm wrote
+    is refused in one line (`core/trainer.py`)."""
+    return checkpoint_step(run_dir)
 
 
 def heal(model: nn.Module, teacher: Teacher, windows: torch.Tensor, cfg: HealConfig) -> list[dict]:
@@ -150,46 +119,35 @@ def step_lr(cfg: HealConfig, step: int) -> float:
 
 def _train(model: nn.Module, params: dict[str, nn.Parameter], teacher: Teacher, windows: torch.Tensor,
            cfg: HealConfig) -> list[dict]:
-    """The healing loop over `params`, from the checkpoint when resuming; returns the per-step KL history."""
+    """Healing's step (KL to the cached teacher at the step's learning rate), run by the one loop."""
     rank, size = world()
+    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+    batch_loss = kl_batch_loss(model, windows, teacher, cfg.batch_size)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+
+    def step(i: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        for group in opt.param_groups:
+            group["lr"] = step_lr(cfg, i)
+        kl = batch_loss(gen, rank, size)
+        return kl, {"kl": kl}
+
+    def nan_advice(_step: int) -> str:
+        return (f"heal again with a lower learning rate (e.g. --heal-lr {cfg.lr / 10:g})"
+                + (f"; the checkpoint in {run_dir} is the last good state: add --resume to continue from it"
+                   if run_dir else ""))
+
     for p in params.values():
         p.requires_grad_(True)
-    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else None
-    start, history = 0, []
-    if cfg.resume and run_dir is not None and (run_dir / CHECKPOINT_META).is_file():
-        start, history = _load(run_dir, params, opt, cfg.mode)
-        log.info("healing resumed from step %d in %s", start, run_dir)
-    batch_loss = kl_batch_loss(model, windows, teacher, cfg.batch_size)
-    pending: list[tuple[int, torch.Tensor]] = []  # KL per step, read once per checkpoint (no sync per step)
-    bar = tqdm(range(start, cfg.steps), desc="heal", initial=start, total=cfg.steps, disable=rank != 0)
-    for step in bar:
-        kl = batch_loss(torch.Generator().manual_seed(cfg.seed * 1_000_003 + _STREAM + step), rank, size)
-        opt.zero_grad(set_to_none=True)
-        kl.backward()
-        for group in opt.param_groups:
-            group["lr"] = step_lr(cfg, step)
-        if size > 1:
-            for p in params.values():
-                dist.all_reduce(p.grad)
-                p.grad /= size
-        opt.step()
-        pending.append((step, kl.detach().float()))
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            values = torch.stack([v for _, v in pending]).tolist()
-            for (s, _), v in zip(pending, values):
-                if v != v or v in (float("inf"), float("-inf")):
-                    raise SocoError(f"the healing loss became NaN/inf at step {s + 1}; heal again with a lower "
-                                    f"learning rate (e.g. --heal-lr {cfg.lr / 10:g})"
-                                    + (f"; the checkpoint in {run_dir} is the last good state: add --resume to "
-                                       "continue from it" if run_dir else ""))
-                history.append({"step": s + 1, "kl": v})
-            pending.clear()
-            bar.set_postfix(kl=f"{history[-1]['kl']:.3f}")
-            if run_dir is not None and rank == 0:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                _save(run_dir, step + 1, params, opt, history, cfg.mode)
-    return history
+    run = Run(cfg.steps, cfg.seed, cfg.checkpoint_every, run_dir, cfg.resume, stream=_STREAM, desc="heal",
+              label=f"the healing folder {run_dir}", settings={"mode": cfg.mode}, nan_advice=nan_advice)
+    return train(params, opt, step, run)
+
+
+def heal_report(model: nn.Module, report, teacher: Teacher, cfg: HealConfig) -> None:
+    """Heal `model` against `teacher` on the windows it was cached for; `report` (a CompressionReport) records it."""
+    start = time.perf_counter()
+    history = heal(model, teacher, teacher.windows, cfg)
+    report.config["heal"] = heal_record(cfg, history, time.perf_counter() - start)
 
 
 def heal_record(cfg: HealConfig, history: list[dict], seconds: float | None = None) -> dict:

@@ -17,4 +17,4 @@ run_dir = sys.argv[1]
 model = tiny_model("llama")
 init_distributed()  # the caller sets the distributed context, as the CLI does
 cfg = SoCoConfig(ratio=0.4, steps=8, batch_size=4, checkpoint_every=100, run_dir=run_dir)
-soco_llm.compress(model, cfg, random_windows(12, 32))
+soco_llm.compress(model, cfg, random_windows(12, 32), heal_config=soco_llm.HealConfig())

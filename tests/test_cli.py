@@ -170,7 +170,7 @@ def test_soco_bad_settings(capsys, model_dir, tmp_path, sets, needle):
 
 def test_export_from_missing_run(capsys, tmp_path):
     code, _, err = run(capsys, "export", "--from", tmp_path / "nope", "--ratio", "0.5", "--out", tmp_path / "o")
-    _one_line_error(code, err, "not a finished SoCo run folder")
+    _one_line_error(code, err, "not a finished run folder")
 
 
 def test_baseline_printed_side_by_side(capsys, model_dir, text_file, tmp_path):
@@ -190,7 +190,7 @@ def test_compress_with_healing_keeps_the_ranks(capsys, model_dir, text_file, tmp
     healed = json.loads((tmp_path / "healed" / "config.json").read_text())["compression"]
     assert healed["ranks"] == plain["ranks"] and healed["achieved_ratio"] == plain["achieved_ratio"]
     assert healed["config"]["heal"]["steps"] == 3 and healed["config"]["heal"]["final_kl"] is not None
-    assert (tmp_path / "healed.heal" / "heal_checkpoint.json").is_file()
+    assert (tmp_path / "healed.heal" / "checkpoint.json").is_file()
     code, _, err = run(capsys, *compress_args(model_dir, text_file, tmp_path / "adapted", "--no-eval", "--heal-steps",
                                               "3", "--heal-lr", "1e-3", "--heal-mode", "adapter", "--heal-adapter-rank", "2"))
     assert code == 0, err
@@ -222,9 +222,11 @@ def test_soco_heals_by_default_and_the_other_methods_do_not(tmp_path):
 
 
 def test_soco_with_healing_reads_its_own_cached_teacher(capsys, model_dir, text_file, tmp_path, monkeypatch):
-    import soco_llm.commands as commands
+    import sys
+
     import soco_llm.methods.soco.whole_model as whole_model
 
+    compress_module = sys.modules["soco_llm.compress"]  # the module: `soco_llm.compress` is the function
     calls = {"n": 0}
     real = whole_model.teacher_cache
 
@@ -233,7 +235,7 @@ def test_soco_with_healing_reads_its_own_cached_teacher(capsys, model_dir, text_
         return real(*a, **k)
 
     monkeypatch.setattr(whole_model, "teacher_cache", counting)
-    monkeypatch.setattr(commands, "teacher_cache", counting)
+    monkeypatch.setattr(compress_module, "teacher_cache", counting)
     code, _, err = clirun.run(capsys, "compress", "--method", "soco", "--ratio", "0.4", "--model", model_dir,
                               "--out", tmp_path / "s", "--calib", text_file, "--set", "steps=4", "--no-eval",
                               "--heal-steps", "2")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from soco_llm import config_for
-from soco_llm.core.bases import whitening
+from soco_llm.core.decompose import whitening
 from soco_llm.core.stats import LayerStats
 
 

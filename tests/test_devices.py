@@ -13,8 +13,8 @@ import soco_llm
 from soco_llm.core.adapter import find_targets
 from soco_llm.core.layer import LowRankLinear
 from soco_llm.methods.soco.basis import basis_entry
-from soco_llm.methods.soco.schedule import SizeModel
-from soco_llm.methods.soco.spectral import GateState, SpectralLinear, install_spectral
+from soco_llm.learned.size import SizeModel
+from soco_llm.learned.spectral import GateState, SpectralLinear, install_spectral
 from tiny import random_windows, tiny_config, tiny_model
 
 
@@ -55,7 +55,7 @@ def test_threshold_solve_gates_and_forward_need_no_host_sync():
 def test_methods_run_end_to_end_in_bf16(method):
     model = tiny_model("llama").to(torch.bfloat16)
     settings = dict(steps=4, batch_size=4) if method == "soco" else {}
-    report = soco_llm.compress(model, soco_llm.config_for(method, ratio=0.4, **settings), random_windows(8, 32))
+    report = soco_llm.compress(model, soco_llm.config_for(method, ratio=0.4, **settings), random_windows(8, 32), heal_config=soco_llm.HealConfig())
     lowrank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     assert lowrank and all(m.A.dtype == m.B.dtype == torch.bfloat16 for m in lowrank)
     assert not any(isinstance(m, SpectralLinear) for m in model.modules())
@@ -72,10 +72,10 @@ def test_running_out_of_memory_names_the_phase_and_the_setting(monkeypatch):
 
     monkeypatch.setattr(whole_model, "teacher_cache", no_memory)
     with pytest.raises(soco_llm.SocoError, match=r"out of CPU memory during teacher; lower --batch-size"):
-        soco_llm.compress(tiny_model("llama"), soco_llm.SoCoConfig(ratio=0.4, steps=2), random_windows(4, 32))
+        soco_llm.compress(tiny_model("llama"), soco_llm.SoCoConfig(ratio=0.4, steps=2), random_windows(4, 32), heal_config=soco_llm.HealConfig())
 
 
 def test_soco_reports_the_time_of_each_phase():
     report = soco_llm.compress(tiny_model("llama"), soco_llm.SoCoConfig(ratio=0.4, steps=2, batch_size=4),
-                               random_windows(4, 32))
+                               random_windows(4, 32), heal_config=soco_llm.HealConfig())
     assert set(report.config["phases"]["seconds"]) == {"teacher", "basis", "training", "cut"}

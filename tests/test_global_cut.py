@@ -24,22 +24,22 @@ def _random_case(g, capped: bool, scale: float):
 
 
 @pytest.mark.parametrize("capped", [True, False])
-@pytest.mark.parametrize("added_bias", [True, False])
+@pytest.mark.parametrize("deviation", [True, False])
 @pytest.mark.parametrize("scale", [2.0, 0.001])
-def test_vectorised_cut_equals_the_loop(capped, added_bias, scale):
-    g = torch.Generator().manual_seed(hash((capped, added_bias, scale)) % 2**31)
+def test_vectorised_cut_equals_the_loop(capped, deviation, scale):
+    g = torch.Generator().manual_seed(hash((capped, deviation, scale)) % 2**31)
     compared = 0
     for _ in range(60):
         shapes, importance = _random_case(g, capped, scale)
         old = sum(m * n for m, n in shapes.values())
-        least = sum(m + n + (m if added_bias else 0) for m, n in shapes.values())
+        least = sum(m + n + (m if deviation else 0) for m, n in shapes.values())
         for keep in (0.05, 0.3, 0.6, 0.9, 1.0):
             budget = int(keep * old)
             if budget < least:
                 continue
-            masks = global_cut(importance, shapes, budget, added_bias)
-            assert kept_indices(masks) == reference_cut(importance, shapes, budget, added_bias)
-            used = sum((m + n) * int(masks[k].sum()) + (m if added_bias else 0) for k, (m, n) in shapes.items())
+            masks = global_cut(importance, shapes, budget, deviation)
+            assert kept_indices(masks) == reference_cut(importance, shapes, budget, deviation)
+            used = sum((m + n) * int(masks[k].sum()) + (m if deviation else 0) for k, (m, n) in shapes.items())
             assert used <= budget
             compared += 1
     assert compared > 100
@@ -61,7 +61,7 @@ def test_ties_keep_the_budget_and_the_caps(capped):
         old = sum(m * n for m, n in shapes.values())
         least = sum(2 * m + n for m, n in shapes.values())
         budget = max(int(0.5 * old), least)
-        masks = global_cut(importance, shapes, budget, added_bias=True)
+        masks = global_cut(importance, shapes, budget, deviation=True)
         used = sum((m + n) * int(masks[k].sum()) + m for k, (m, n) in shapes.items())
         assert used <= budget
         for k, (m, n) in shapes.items():
@@ -69,15 +69,15 @@ def test_ties_keep_the_budget_and_the_caps(capped):
             assert masks[k][int(torch.argmax(importance[k]))]  # the layer's best (first of equals) is kept
 
 
-def reference_grouped_cut(importance, shapes, budget, added_bias, q):
+def reference_grouped_cut(importance, shapes, budget, deviation, q):
     """The grouped greedy spelled out: each layer's components best first in groups of q, ranked by mean."""
     items, kept, used = [], {}, 0
     for li, (name, (m, n)) in enumerate(shapes.items()):
         order = torch.argsort(importance[name], descending=True, stable=True).tolist()
         groups = [order[i:i + q] for i in range(0, len(order), q)]
         kept[name] = list(groups[0])
-        used += len(groups[0]) * (m + n) + (m if added_bias else 0)
-        cap = max_useful_rank(m, n, added_bias) // q
+        used += len(groups[0]) * (m + n) + (m if deviation else 0)
+        cap = max_useful_rank(m, n, deviation) // q
         for gi, g in enumerate(groups[1:], start=1):
             if len(g) == q and gi < cap:
                 items.append((float(importance[name][g].mean()), li, gi, name, g, q * (m + n)))

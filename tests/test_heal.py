@@ -107,13 +107,13 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint_and_says_how_to_resume(tmp_pa
 def test_resuming_with_the_other_mode_is_a_clear_error(tmp_path):
     model, windows, teacher, _ = _compressed()
     heal(model, teacher, windows, HealConfig(steps=2, lr=3e-3, checkpoint_every=2, run_dir=str(tmp_path)))
-    with pytest.raises(soco_llm.SocoError, match="trained 'factors', not 'adapter'"):
+    with pytest.raises(soco_llm.SocoError, match="trained with mode 'factors', not 'adapter'"):
         heal(model, teacher, windows, HealConfig(steps=4, mode="adapter", run_dir=str(tmp_path), resume=True))
     assert all(type(m.A) is torch.nn.Parameter for m in model.modules() if isinstance(m, LowRankLinear))
 
 
 def test_factor_adapters_follow_their_factors_device_and_dtype_and_merge_exactly():
-    from soco_llm.core.factor_adapter import attach_factor_adapters, merge_factor_parametrizations
+    from soco_llm.core.factor_params import attach_factor_adapters, merge_factor_parametrizations
 
     layer = LowRankLinear.from_factors(torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(5, 3, dtype=torch.bfloat16))
     meta = LowRankLinear(8, 5, 3, device="meta", dtype=torch.bfloat16)
@@ -132,7 +132,7 @@ def test_factor_adapters_follow_their_factors_device_and_dtype_and_merge_exactly
 
 
 def test_factor_masters_keep_steps_below_bf16_spacing_and_merge_to_the_model_dtype():
-    from soco_llm.core.factor_adapter import attach_factor_masters, merge_factor_parametrizations
+    from soco_llm.core.factor_params import attach_factor_masters, merge_factor_parametrizations
 
     ones = torch.ones(3, 8, dtype=torch.bfloat16)
     layer = LowRankLinear.from_factors(ones.clone(), torch.ones(5, 3, dtype=torch.bfloat16))
@@ -217,3 +217,20 @@ def test_the_logsumexp_kl_candidate_equals_the_kl_in_value_and_gradient():
         grads.append((value.detach(), x.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-8)
+
+
+def test_compress_runs_the_recipe_the_cli_runs():
+    """`compress(model, SoCoConfig())` heals as `soco compress --method soco` does (the config's recipe), on the
+    teacher the run trained against; an explicit HealConfig() turns healing off, and SVD-LLM's recipe has none."""
+    cfg = soco_llm.SoCoConfig(ratio=0.4, steps=2, batch_size=4)
+    report = soco_llm.compress(tiny_model("llama"), cfg, random_windows(8, 32))
+    heal_record = report.config["heal"]
+    assert (heal_record["steps"], heal_record["lr"]) == (60, 3e-5) and heal_record["final_kl"] is not None
+    assert "heal" not in soco_llm.compress(tiny_model("llama"), cfg, random_windows(8, 32), heal_config=HealConfig()).config
+    assert "heal" not in soco_llm.compress(tiny_model("llama"), soco_llm.SVDLLMConfig(ratio=0.4), random_windows(8, 32)).config
+
+
+def test_healing_windows_are_socos_default_training_windows():
+    """So a default SoCo run hands healing the teacher it cached, and no second teacher is computed."""
+    assert soco_llm.SoCoConfig().teacher_windows() == HealConfig().teacher_windows()
+    assert soco_llm.SoCoConfig(blockwise=True).teacher_windows() is None

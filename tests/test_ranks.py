@@ -2,7 +2,7 @@
 
 import pytest
 
-from soco_llm import compress, config_for
+from soco_llm import HealConfig, compress, config_for
 from soco_llm.core.budget import LayerRank, achieved_ratio, layer_params, max_useful_rank, settle_rank, uniform_rank
 from tiny import random_windows, tiny_model
 
@@ -26,7 +26,7 @@ def test_achieved_ratio_by_hand():
     new = 10 * 150 + 40 * 40 + 5 * 90
     assert achieved_ratio(layers) == pytest.approx(1 - new / old, abs=1e-15)
     new_d = new + 100 + 30  # an added bias d costs m per compressed layer
-    with_d = [LayerRank(x.name, x.out_features, x.in_features, x.rank, added_bias=True) for x in layers]
+    with_d = [LayerRank(x.name, x.out_features, x.in_features, x.rank, deviation=True) for x in layers]
     assert achieved_ratio(with_d) == pytest.approx(1 - new_d / old, abs=1e-15)
 
 
@@ -59,7 +59,7 @@ def test_rank_multiple_rounds_every_rank_and_keeps_the_budget(method):
     q = 8
     settings = dict(steps=4, batch_size=4, rank_multiple=q) if method == "soco" else dict(rank_multiple=q)
     model = tiny_model("llama")
-    report = compress(model, config_for(method, ratio=0.4, **settings), random_windows(8, 32))
+    report = compress(model, config_for(method, ratio=0.4, **settings), random_windows(8, 32), heal_config=HealConfig())
     ranks = [r["rank"] for r in report.layers if r["rank"]]
     assert ranks and all(r % q == 0 for r in ranks)
     assert report.achieved_ratio >= 0.4  # rounding never spends more than the budget

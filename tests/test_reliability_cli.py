@@ -171,7 +171,7 @@ def _fake_finished_run(tmp_path, meta_text):
 
 
 @pytest.mark.parametrize("meta,needle", [
-    ("{not json", "not valid JSON"), ('{"config": 1, "status": "done"}', "not a SoCo run record"),
+    ("{not json", "not valid JSON"), ('{"config": 1, "status": "done"}', "not a run record"),
     ('{"config": {"method": "soco", "ratio": 0.4, "no_such_key": 1}, "status": "done"}', "no_such_key"),
     ('{"config": {"method": "soco", "ratio": 0.4, "steps": "many"}, "status": "done"}', "steps must be an integer"),
 ])
@@ -272,7 +272,7 @@ def test_nan_loss_message_gives_advice_that_works(tmp_path, monkeypatch):
     monkeypatch.setattr(teacher, "student_kl", lambda *a: real(*a) * float("nan"))
     cfg = soco_llm.SoCoConfig(ratio=0.4, steps=4, batch_size=4, run_dir=str(tmp_path / "r"))
     with pytest.raises(SocoError, match="lower learning rate") as e:
-        soco_llm.compress(tiny_model("llama"), cfg, random_windows(8, 32))
+        soco_llm.compress(tiny_model("llama"), cfg, random_windows(8, 32), heal_config=soco_llm.HealConfig())
     assert "--resume" not in str(e.value)  # resuming repeats the same steps
 
 

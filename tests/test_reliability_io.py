@@ -33,7 +33,7 @@ EXPORTABLE = {"llama": True, "opt": True, "gpt2": True, "qwen2": False, "mistral
 def test_export_dense_keeps_soco_biases(arch, tmp_path):
     model = tiny_model(arch)
     dense_has_bias = {n for n, m in model.named_modules() if getattr(m, "bias", None) is not None}
-    report = soco_llm.compress(model, soco_llm.SoCoConfig(ratio=0.4, steps=2, batch_size=4), random_windows(8, 32))
+    report = soco_llm.compress(model, soco_llm.SoCoConfig(ratio=0.4, steps=2, batch_size=4), random_windows(8, 32), heal_config=soco_llm.HealConfig())
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # d after 2 steps is small; make every bias matter for the logits
         for m in model.modules():

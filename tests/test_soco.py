@@ -10,9 +10,9 @@ from soco_llm import SocoError, SoCoConfig
 from soco_llm.core.adapter import find_targets
 from soco_llm.core.budget import global_cut
 from soco_llm.methods.soco.basis import decompose_targets
-from soco_llm.methods.soco.cut import cut, kept_components, set_masks
-from soco_llm.methods.soco.schedule import SizeModel
-from soco_llm.methods.soco.spectral import GateState, install_spectral
+from soco_llm.learned.cut import cut, kept_components, set_masks
+from soco_llm.learned.size import SizeModel
+from soco_llm.learned.spectral import GateState, install_spectral
 from soco_llm.core.teacher import kl_to_teacher, teacher_cache
 from soco_llm.methods.soco.whole_model import train
 from tiny import random_windows, tiny_model
@@ -70,7 +70,7 @@ def test_few_steps_lower_the_kl(straight_through):
 @pytest.mark.parametrize("ratio", [0.2, 0.45, 0.7])
 def test_cut_meets_budget_exactly(ratio):
     model = tiny_model("llama")
-    report = soco_llm.compress(model, SoCoConfig(ratio=ratio, steps=6, batch_size=4), random_windows(8, 32))
+    report = soco_llm.compress(model, SoCoConfig(ratio=ratio, steps=6, batch_size=4), random_windows(8, 32), heal_config=soco_llm.HealConfig())
     old = sum(r["dense_params"] for r in report.layers)
     new = sum(r["params"] for r in report.layers)
     assert report.achieved_ratio == pytest.approx(1 - new / old)
@@ -126,7 +126,7 @@ def test_straight_through_stage_trains_the_model_that_is_saved():
 def _run(tmp_path, name, **kw):
     model = tiny_model("llama")
     cfg = SoCoConfig(ratio=0.4, steps=12, batch_size=4, checkpoint_every=3, run_dir=str(tmp_path / name), **kw)
-    soco_llm.compress(model, cfg, random_windows(12, 32))
+    soco_llm.compress(model, cfg, random_windows(12, 32), heal_config=soco_llm.HealConfig())
     return model
 
 
@@ -183,7 +183,7 @@ def test_a_nan_loss_in_float16_suggests_bfloat16(monkeypatch, dtype, hint):
     monkeypatch.setattr(soco, "student_kl", lambda *a: real(*a) * float("nan"))
     with pytest.raises(SocoError, match="NaN") as e:
         soco_llm.compress(tiny_model("llama").to(dtype), SoCoConfig(ratio=0.4, steps=2, batch_size=4),
-                          random_windows(8, 32))
+                          random_windows(8, 32), heal_config=soco_llm.HealConfig())
     assert ("--dtype bfloat16" in str(e.value)) == hint
 
 
@@ -204,13 +204,13 @@ def test_bad_config_is_a_clear_error(kw, match):
 
 def test_unreachable_ratio_is_a_clear_error():
     with pytest.raises(SocoError, match="out of reach"):
-        soco_llm.compress(tiny_model("llama"), SoCoConfig(ratio=0.97, steps=2), random_windows(4, 32))
+        soco_llm.compress(tiny_model("llama"), SoCoConfig(ratio=0.97, steps=2), random_windows(4, 32), heal_config=soco_llm.HealConfig())
 
 
 def test_export_other_ratio_from_one_run(tmp_path, model_dir):
     model, tok = soco_llm.load_model(str(model_dir))
     cfg = SoCoConfig(ratio=0.4, steps=6, batch_size=4, run_dir=str(tmp_path / "run"))
-    report = soco_llm.compress(model, cfg, random_windows(8, 32))
+    report = soco_llm.compress(model, cfg, random_windows(8, 32), heal_config=soco_llm.HealConfig())
     out = soco_llm.save_compressed(model, tok, tmp_path / "c", report)
     assert (out / "soco_scores.safetensors").is_file()
     loaded = soco_llm.load(out)
@@ -249,7 +249,7 @@ def test_sequential_basis_whitens_on_the_cut_earlier_blocks_and_restores_the_mod
 def test_hard_cut_forward_on_kept_components_equals_the_masked_product(dtype, tol):
     """On the CPU the straight-through forward multiplies only the kept components (KeptProduct); its output and
     the gradients of x, scores and d equal the full masked product's (the GPU path), cut components included."""
-    from soco_llm.methods.soco.spectral import GateState, SpectralLinear
+    from soco_llm.learned.spectral import GateState, SpectralLinear
 
     g = torch.Generator().manual_seed(0)
     m, n, k = 12, 10, 8
@@ -259,7 +259,7 @@ def test_hard_cut_forward_on_kept_components_equals_the_masked_product(dtype, to
     layer = SpectralLinear(left, sigma, right, torch.rand(k, generator=g) + 0.5, bias, gate)
     with torch.no_grad():
         layer.scores.copy_(torch.rand(k, generator=g) + 0.5)
-        layer.delta.copy_(torch.randn(m, generator=g))
+        layer.deviation.copy_(torch.randn(m, generator=g))
         layer.mask.copy_((torch.rand(k, generator=g) > 0.4).float())
     assert 0 < layer.mask.sum() < k
     x0 = torch.randn(3, 5, n, generator=g).to(dtype)
@@ -271,7 +271,7 @@ def test_hard_cut_forward_on_kept_components_equals_the_masked_product(dtype, to
         # off: the path every other device takes, the full product with the 0/1 mask in the gate
         layer.kept_only_on_cpu = kept_only
         layer(x).backward(grad_out)
-        return layer(x).detach(), x.grad, layer.scores.grad.clone(), layer.delta.grad.clone()
+        return layer(x).detach(), x.grad, layer.scores.grad.clone(), layer.deviation.grad.clone()
 
     kept, full = run(True), run(False)
     for a, b in zip(kept, full):
@@ -288,10 +288,10 @@ def test_whitened_basis_fits_half_precision_and_the_cut_is_unchanged():
     import copy
 
     from soco_llm.core.adapter import Target
-    from soco_llm.core.bases import whitened_basis
+    from soco_llm.core.decompose import whitened_basis
     from soco_llm.core.stats import LayerStats
     from soco_llm.methods.soco.basis import basis_entry, half_precision_scale
-    from soco_llm.methods.soco.spectral import SpectralLinear
+    from soco_llm.learned.spectral import SpectralLinear
 
     assert [half_precision_scale(r) for r in (1, 4, 16384, 20000, 2 ** 24)] == [1.0, 2.0, 128.0, 128.0, 4096.0]
     g = torch.Generator().manual_seed(0)
@@ -325,7 +325,7 @@ def test_soco_in_half_precision_keeps_what_float32_keeps(dtype):
     ranks = {}
     for dt in (torch.float32, dtype):
         model = tiny_model("llama").to(dt)
-        report = soco_llm.compress(model, SoCoConfig(ratio=0.4, steps=6, batch_size=4), random_windows(8, 32))
+        report = soco_llm.compress(model, SoCoConfig(ratio=0.4, steps=6, batch_size=4), random_windows(8, 32), heal_config=soco_llm.HealConfig())
         ranks[dt] = torch.tensor([float(r["rank"]) for r in report.layers])
         logits = model(input_ids=random_windows(2, 16)).logits
         assert logits.dtype == dt and torch.isfinite(logits.float()).all()

@@ -9,8 +9,8 @@ from soco_llm.core.adapter import find_targets
 from soco_llm.core.stats import BlockRunner
 from soco_llm.methods.soco.basis import basis_entry
 from soco_llm.methods.soco.blockwise import block_loss
-from soco_llm.methods.soco.schedule import SizeModel
-from soco_llm.methods.soco.spectral import GateState, install_spectral
+from soco_llm.learned.size import SizeModel
+from soco_llm.learned.spectral import GateState, install_spectral
 from soco_llm.methods.soco.train import train_scores
 from tiny import random_windows, tiny_model
 

@@ -12,10 +12,10 @@ from soco_llm.core.budget import check_reachable
 
 
 def reference_cut(importance: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int,
-                  added_bias: bool) -> dict[str, list[int]]:
+                  deviation: bool) -> dict[str, list[int]]:
     """Kept component indices per layer, ascending."""
-    check_reachable(shapes, budget, added_bias)
-    extra = {name: (m if added_bias else 0) for name, (m, n) in shapes.items()}
+    check_reachable(shapes, budget, deviation)
+    extra = {name: (m if deviation else 0) for name, (m, n) in shapes.items()}
     kept = {name: [int(torch.argmax(importance[name]))] for name in shapes}
     used = sum(m + n + extra[name] for name, (m, n) in shapes.items())
     names, flat_imp, flat_idx = [], [], []

@@ -4,8 +4,8 @@ ratio = 1 − new/old over the linear layers inside the decoder blocks (embeddin
 excluded). old = Σ m·n; new = Σ r·(m+n) (+ m for an added bias d) for compressed layers and
 m·n for layers left dense. Rank 0 marks a dense layer.
 
-One name for the cost of d everywhere: `added_bias` — a compressed layer that carries an added
-bias d (SoCo's deviation) pays m more parameters.
+`deviation` (one name for it everywhere): a compressed layer that carries a trained deviation d, a bias
+added to its output (SoCo's), pays m more parameters.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ RATIO_DEFINITION = (
 )
 
 
-def bias_cost(m: int, added_bias: bool) -> int:
-    """What an added bias d costs a compressed m×n layer."""
-    return m if added_bias else 0
+def bias_cost(m: int, deviation: bool) -> int:
+    """What a deviation d costs a compressed m×n layer."""
+    return m if deviation else 0
 
 
-def max_useful_rank(m: int, n: int, added_bias: bool = False) -> int:
+def max_useful_rank(m: int, n: int, deviation: bool = False) -> int:
     """The largest rank at which the factored layer is still smaller than the dense one."""
-    return max((m * n - bias_cost(m, added_bias) - 1) // (m + n), 0)
+    return max((m * n - bias_cost(m, deviation) - 1) // (m + n), 0)
 
 
 def uniform_rank(m: int, n: int, ratio: float, multiple: int = 1) -> int:
@@ -40,15 +40,15 @@ def uniform_rank(m: int, n: int, ratio: float, multiple: int = 1) -> int:
     return r - r % multiple if r >= multiple else r
 
 
-def layer_params(m: int, n: int, rank: int, added_bias: bool = False) -> int:
+def layer_params(m: int, n: int, rank: int, deviation: bool = False) -> int:
     """Parameters a layer costs at `rank`; dense (m·n) when rank is 0 or would not shrink it."""
-    cost = rank * (m + n) + bias_cost(m, added_bias)
+    cost = rank * (m + n) + bias_cost(m, deviation)
     return m * n if rank <= 0 or cost >= m * n else cost
 
 
-def settle_rank(m: int, n: int, rank: int, added_bias: bool = False) -> int:
+def settle_rank(m: int, n: int, rank: int, deviation: bool = False) -> int:
     """Keep the rank only where the factored layer is smaller; otherwise 0 (dense)."""
-    return rank if 0 < rank and rank * (m + n) + bias_cost(m, added_bias) < m * n else 0
+    return rank if 0 < rank and rank * (m + n) + bias_cost(m, deviation) < m * n else 0
 
 
 def budget_params(dense_params: int, ratio: float) -> int:
@@ -62,7 +62,7 @@ class LayerRank:
     out_features: int
     in_features: int
     rank: int  # 0 = left dense
-    added_bias: bool = False  # a compressed layer also pays m for an added bias d
+    deviation: bool = False  # a compressed layer also pays m for a deviation d
 
     @property
     def dense_params(self) -> int:
@@ -70,7 +70,7 @@ class LayerRank:
 
     @property
     def params(self) -> int:
-        return layer_params(self.out_features, self.in_features, self.rank, self.added_bias)
+        return layer_params(self.out_features, self.in_features, self.rank, self.deviation)
 
 
 def achieved_ratio(layers: list[LayerRank]) -> float:
@@ -86,10 +86,10 @@ def rank_table(layers: list[LayerRank]) -> list[dict]:
             for x in layers]
 
 
-def check_reachable(shapes: dict[str, tuple[int, int]], budget: int, added_bias: bool = False,
+def check_reachable(shapes: dict[str, tuple[int, int]], budget: int, deviation: bool = False,
                     multiple: int = 1) -> None:
     """Fail clearly when even one component (`multiple` of them) per layer, plus its bias, exceeds the budget."""
-    least = sum(multiple * (m + n) + bias_cost(m, added_bias) for m, n in shapes.values())
+    least = sum(multiple * (m + n) + bias_cost(m, deviation) for m, n in shapes.values())
     if least > budget:
         old = sum(m * n for m, n in shapes.values())
         raise SocoError(f"ratio {1 - budget / old:.3f} is out of reach: one component per layer already costs "
@@ -173,12 +173,12 @@ def _groups(flat: torch.Tensor, sizes: torch.Tensor, multiple: int) -> tuple[tor
 
 
 def global_cut(importance: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int,
-               added_bias: bool = False, multiple: int = 1) -> dict[str, torch.Tensor]:
+               deviation: bool = False, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Keep the most important components over all layers until the parameter budget is met.
 
     Greedy in descending importance (importances are >= 0): a component of an m×n layer costs m+n and
     is kept if it still fits the budget; a compressed layer also pays m for its bias d when
-    `added_bias`. Every layer keeps at least its best component, and never grows to a size that is
+    `deviation`. Every layer keeps at least its best component, and never grows to a size that is
     not smaller than dense. Returns a boolean keep-mask per layer, on the importances' device.
     With `multiple` > 1 every layer keeps a multiple of that many components (hardware-friendly
     ranks): the greedy then takes each layer's components `multiple` at a time, best first, ranked
@@ -192,7 +192,7 @@ def global_cut(importance: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
     costs as much as the one that did not fit. Rounds <= distinct layer costs + 1, each a few
     device syncs. Ties are broken by layer order, then component index.
     """
-    check_reachable(shapes, budget, added_bias, multiple)
+    check_reachable(shapes, budget, deviation, multiple)
     names = list(shapes)
     dims = [shapes[n] for n in names]
     flat = torch.cat([importance[n].detach().float().reshape(-1) for n in names])
@@ -201,8 +201,8 @@ def global_cut(importance: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
     device = flat.device
     sizes = torch.tensor([importance[n].numel() for n in names], device=device)
     layer_cost = torch.tensor([m + n for m, n in dims], device=device)
-    caps = [max_useful_rank(m, n, added_bias) for m, n in dims]
-    extra = sum(bias_cost(m, added_bias) for m, n in dims)
+    caps = [max_useful_rank(m, n, deviation) for m, n in dims]
+    extra = sum(bias_cost(m, deviation) for m, n in dims)
     rounds = len({m + n for m, n in dims}) + 1
     if multiple == 1:
         cost = torch.repeat_interleave(layer_cost, sizes)

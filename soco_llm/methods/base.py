@@ -3,8 +3,10 @@
 `register(config_cls, handler)` is the one registry: `compress()` finds the handler by
 `type(config)` (as torchao's `quantize_` does), `config_for` and the CLI find config classes by
 their `method` name. Adding a method is one config class and one handler, registered once.
-A config declares what calibration it `needs`, its calibration sizes (`calibration`), and
-named `presets` of its own fields that the CLI offers.
+A config declares what calibration it `needs`, its calibration sizes (`calibration`), named
+`presets` of its own fields and the fields the CLI offers as options (`cli_options`), its recipe's
+healing (`heal_defaults`) and the teacher its run caches (`teacher_windows`). Learned methods
+subclass `learned.config.LearnedConfig`, which adds the run folder and the re-cut.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from ..checks import SEED, Rule, at_least, between, check_fields
 from ..core.adapter import Target
 from ..core.budget import LayerRank
+from ..core.teacher import Teacher
 from ..errors import SocoError
 
 
@@ -48,6 +51,9 @@ class CompressionConfig:
 
     method: ClassVar[str] = ""
     presets: ClassVar[dict[str, dict]] = {}  # named sets of field values, e.g. SoCo's "quick"
+    # Fields `soco compress` offers as options of their own (--field-name VALUE), with their help text; any
+    # field is also reachable with --set. The parser collects these from every registered config.
+    cli_options: ClassVar[dict[str, str]] = {}
     # Ranges or choices of fields, beside the types their annotations give (checks.py); a subclass adds its own.
     rules: ClassVar[dict[str, Rule]] = {
         "ratio": between(0, 1, low_open=True, high_open=True, note="the fraction of parameters removed"),
@@ -74,9 +80,15 @@ class CompressionConfig:
         return frozenset({"windows"}) if self.sequential else frozenset()
 
     def heal_defaults(self) -> dict:
-        """The healing settings (HealConfig fields) this method gets where the user gives none: none, so no
-        healing. The method's paper result is what it is without it."""
+        """The recipe's last stage: the healing settings (HealConfig fields) this method gets where the user gives
+        none, in `compress()` and in the CLI alike. Default none, so no healing: the method's paper result is
+        what it is without it."""
         return {}
+
+    def teacher_windows(self) -> tuple[int, int, int, int] | None:
+        """(windows, window length, seed, top-k) of the dense teacher this method's run caches and hands back in
+        `MethodResult.teacher`; None: it caches none (healing then computes its own before the cut)."""
+        return None
 
     def calibration(self, source: str = "bundled", seed: int = 0, num_samples: int | None = None,
                     seq_len: int | None = None, batch_size: int | None = None) -> CalibrationConfig:
@@ -115,20 +127,13 @@ class CompressionConfig:
 
 @dataclass
 class MethodResult:
-    """What a handler hands back to `compress()`: the ranks it cut to, the config as recorded, extra tensors."""
+    """What a handler hands back to `compress()`: the ranks it cut to, the config as recorded, extra tensors, and
+    the dense teacher it trained against (with its windows), which healing reuses."""
 
     rows: list[LayerRank]
     config: dict
     tensors: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C in a handler that keeps resumable state on disk; `kept` says what, e.g. "run folder X keeps
-    the checkpoint at step 108 of 160". The CLI prints it with the command that continues the run."""
-
-    def __init__(self, kept: str):
-        super().__init__(kept)
-        self.kept = kept
+    teacher: Teacher | None = None
 
 
 # handler(model, config, targets, calibration windows or None, calibration config) -> MethodResult

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..checks import Rule, between
 from ..core.adapter import Target, linear_weight, replace_module
-from ..core.bases import Decomposition, activation_basis, fisher_basis, plain_basis, whitened_basis
+from ..core.decompose import Decomposition, activation_basis, fisher_basis, plain_basis, whitened_basis
 from ..core.budget import LayerRank, settle_rank, uniform_rank
 from ..core.layer import LowRankLinear
 from ..core.stats import ACTIVATION_KINDS, BlockRunner, LayerStats, collect_fisher
@@ -55,6 +55,7 @@ class ASVDConfig(CompressionConfig):
     method: ClassVar[str] = "asvd"
     # The paper's range; 0 is plain SVD, and much past 1 the scaling overflows on outlier channels.
     rules: ClassVar[dict[str, Rule]] = {"alpha": between(0, 1, note="the activation exponent (0: plain SVD)")}
+    cli_options: ClassVar[dict[str, str]] = {"alpha": "ASVD activation exponent, in [0, 1] (default 0.5)"}
     alpha: float = 0.5
 
     @property

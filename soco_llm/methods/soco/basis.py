@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ...core.adapter import Target, linear_weight, replace_module
 from ...core.layer import LowRankLinear
-from ...core.bases import plain_basis, whitened_basis
+from ...core.decompose import plain_basis, whitened_basis
 from ...core.budget import max_useful_rank, uniform_rank
 from ...core.stats import BlockRunner, LayerStats
 from ...errors import SocoError
@@ -86,15 +86,3 @@ def decompose_targets(model: nn.Module, cfg: SoCoConfig, targets: list[Target],
         for n, module in dense.items():
             replace_module(model, n, module)
     return basis
-
-
-def flatten(basis: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {f"{name}::{k}": v for name, entry in basis.items() for k, v in entry.items()}
-
-
-def unflatten(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, v in flat.items():
-        name, k = key.split("::")
-        out.setdefault(name, {})[k] = v
-    return out

@@ -25,9 +25,10 @@ from ...errors import SocoError
 from ...io.read import read_tensors
 from .basis import basis_entry
 from .config import SoCoConfig
-from .cut import cut
-from .run_folder import SCORES_FILE, restore_trained, save_tensors, start_over, trained_tensors
-from .spectral import GateState, install_spectral
+from ...learned.cut import cut
+from ...learned.run_folder import SCORES_FILE, restore_trained, save_tensors, trained_tensors
+from ...learned.run_state import start_over
+from ...learned.spectral import GateState, install_spectral
 from ...core.teacher import BatchLoss
 from .train import freeze, train_scores
 

@@ -1,4 +1,5 @@
-"""`SoCoConfig`: every constant of a SoCo run, its checks, its presets and its calibration sizes."""
+"""`SoCoConfig`: every constant of a SoCo run, its checks, its presets, its calibration sizes and its recipe
+(whole-model runs heal after the cut by default, in the CLI and in `compress()` alike)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from typing import ClassVar
 
 from ...checks import Rule, above, at_least, between, one_of
 from ...errors import SocoError
-from ..base import CalibrationConfig, CompressionConfig
-from .run_state import check_run_dir
+from ...learned.config import LearnedConfig
+from ..base import CalibrationConfig
 
 
 @dataclass
-class SoCoConfig(CompressionConfig):
+class SoCoConfig(LearnedConfig):
     """Every constant of a SoCo run. Stage lengths must add up to `steps`; a stage of 0 is off."""
 
     method: ClassVar[str] = "soco"
@@ -27,7 +28,6 @@ class SoCoConfig(CompressionConfig):
         # The stage-2 budget swings to target·(1 ± amplitude): an amplitude of 1 would ask for nothing.
         "alternate_every": at_least(1), "alternate_amplitude": between(0, 1, high_open=True),
         "size_weight": at_least(0), "polarize_weight": at_least(0), "sparsity_weight": at_least(0),
-        "teacher_topk": at_least(1), "checkpoint_every": at_least(1),
     }
 
     basis: str = "whitened"  # "whitened" (SVD-LLM style) or "plain" (the paper's SVD of W)
@@ -38,10 +38,8 @@ class SoCoConfig(CompressionConfig):
     seq_len: int = 256
     num_samples: int = 256  # training windows; fewer over-fit (64 gave train KL 0.64 vs 1.22 held out)
     whiten_samples: int | None = 64  # the first windows, for XᵀX of the whitened basis (None: all)
-    seed: int = 0
     lr_scores: float = 5e-3
     lr_bias: float = 1e-3
-    deviation: bool = True  # train the deviation bias d
     # Forward the hard cut at the step's budget, gradients through the soft gate (straight-through):
     # "all" stages, "stage3" only, or "off" (train the soft-gated model throughout).
     straight_through: str = "all"
@@ -53,10 +51,6 @@ class SoCoConfig(CompressionConfig):
     size_weight: float = 10.0  # λ_c: two-sided quadratic on (soft ratio − scheduled ratio)
     polarize_weight: float = 0.5  # λ_p: Σh(1−h) penalty, ramped in over stage 3
     sparsity_weight: float = 0.01  # λ_s: L1 on the scores of gated-off components in stage 3
-    teacher_topk: int = 128  # teacher log-probs kept per token (the rest is one bucket)
-    checkpoint_every: int = 20
-    run_dir: str | None = None  # checkpoints, basis and teacher cache; None = no checkpoints
-    resume: bool = False
 
     @property
     def adds_bias(self) -> bool:
@@ -96,15 +90,13 @@ class SoCoConfig(CompressionConfig):
         quick = self.preset == "quick" or all(getattr(self, k) == v for k, v in self.presets["quick"].items())
         return {} if self.blockwise or quick else {"steps": 60, "lr": 3e-5}
 
-    def preflight(self) -> None:
-        """The run folder must be usable as asked (fresh, or resumable with --resume); see run_state.py."""
-        check_run_dir(self)
+    def teacher_windows(self) -> tuple[int, int, int, int] | None:
+        """A whole-model run caches the teacher of its training windows; a block-wise run needs none."""
+        return None if self.blockwise else super().teacher_windows()
 
-    def record(self, ratio: float, history: list[dict] | None = None, run_dir=None) -> dict:
-        """The config as a report records it: cut at `ratio`, with the last training step and the run folder."""
-        config = self.to_dict()
-        config["ratio"] = ratio
-        if history:
-            config["final_train"] = history[-1]
-        config["run_dir"] = str(run_dir) if run_dir else None
-        return config
+    @classmethod
+    def recut_refusal(cls, meta: dict) -> str | None:
+        if meta["config"].get("blockwise") is True:
+            return ("it is a blockwise run: its blocks were cut one by one at the trained ratio, so it cannot be cut "
+                    "at another; train a whole-model run (blockwise=false) for that")
+        return None

@@ -1,5 +1,5 @@
 """The SoCo handler `compress()` runs for a `SoCoConfig`: checks, the run-folder protocol, then the
-whole-model or the block-wise mode."""
+whole-model or the block-wise mode; it hands back the teacher a whole-model run trained against."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from ...core.adapter import Target
 from ...core.phases import Phases
 from ...errors import SocoError
 from ...runtime import world
-from ..base import CalibrationConfig, Interrupted, MethodResult
-from . import run_folder, run_state
+from ...core.trainer import on_interrupt
+from ..base import CalibrationConfig, MethodResult
+from ...learned import run_folder, run_state
 from .blockwise import compress_blockwise
 from .config import SoCoConfig
-from .run_folder import SCORES_FILE
+from ...learned.run_folder import SCORES_FILE
 from .whole_model import compress_whole_model
 
 
@@ -28,18 +29,16 @@ def compress_soco(model: nn.Module, cfg: SoCoConfig, targets: list[Target], wind
                                          next(model.parameters()).dtype)
     model.eval()
     phases = Phases(next(model.parameters()).device)
-    try:
+    teacher = None
+    # Ctrl-C before training (teacher, basis) or between blocks: say what the folder holds, so --resume is a choice.
+    kept = (lambda: None) if run_dir is None else (lambda: f"run folder {run_dir} keeps {run_state.describe(run_dir, cfg.steps)}")
+    with on_interrupt(kept):
         if cfg.blockwise:
             with phases("blocks", "lower --batch-size or --seq-len"):
                 rows, final, history = compress_blockwise(model, cfg, windows, targets, run_dir)
         else:
-            rows, final, history = compress_whole_model(model, cfg, windows, targets, run_dir, cached, phases)
-    except KeyboardInterrupt:
-        if run_dir is None:
-            raise
-        # The training loop has saved its checkpoint by now; say what the folder holds, so --resume is a choice.
-        raise Interrupted(f"run folder {run_dir} keeps {run_state.describe(run_dir, cfg.steps)}") from None
+            rows, final, history, teacher = compress_whole_model(model, cfg, windows, targets, run_dir, cached, phases)
     run_folder.finish(run_dir)
     config = cfg.record(cfg.ratio, history, run_dir)
     config["phases"] = phases.record()
-    return MethodResult(rows, config, {SCORES_FILE: final})
+    return MethodResult(rows, config, {SCORES_FILE: final}, teacher)

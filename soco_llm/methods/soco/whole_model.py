@@ -1,4 +1,4 @@
-"""Whole-model SoCo: every target's scores and biases trained together by KL to the dense model,
+"""Whole-model SoCo: every target's scores and deviations trained together by KL to the dense model,
 then one global cut, so ranks move between blocks and one run can be cut at other ratios."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from ...core.budget import LayerRank
 from ...core.phases import Phases
 from .basis import decompose_targets
 from .config import SoCoConfig
-from .cut import cut
-from .run_folder import SCORES_FILE, load_basis, load_teacher, save_cache, save_tensors, trained_tensors
-from .spectral import GateState, SpectralLinear, install_spectral
+from ...learned.cut import cut
+from ...learned.run_folder import SCORES_FILE, load_basis, load_teacher, save_cache, save_tensors, trained_tensors
+from ...learned.spectral import GateState, SpectralLinear, install_spectral
 from ...core.teacher import Teacher, kl_batch_loss, teacher_cache
 from .train import freeze, train_scores
 
@@ -28,10 +28,13 @@ def train(model: nn.Module, layers: dict[str, SpectralLinear], gate: GateState, 
 
 
 def compress_whole_model(model: nn.Module, cfg: SoCoConfig, windows: torch.Tensor, targets: list[Target],
-                         run_dir: Path | None, cached: bool, phases: Phases) -> tuple[list[LayerRank], dict, list[dict]]:
-    """Train and cut `model` in place: (rows, trained tensors, history)."""
+                         run_dir: Path | None, cached: bool, phases: Phases
+                         ) -> tuple[list[LayerRank], dict, list[dict], Teacher]:
+    """Train and cut `model` in place: (rows, trained tensors, history, the teacher it trained against)."""
     if cached:
         teacher, basis = load_teacher(run_dir), load_basis(run_dir, next(model.parameters()).device)
+        if teacher.windows is None:  # cached by a version that did not keep them: they are these windows
+            teacher.windows = windows.cpu()
     else:
         with phases("teacher", "lower --batch-size, --seq-len or --set teacher_topk=N"):
             teacher = teacher_cache(model, windows, cfg.teacher_topk, cfg.batch_size)
@@ -47,5 +50,5 @@ def compress_whole_model(model: nn.Module, cfg: SoCoConfig, windows: torch.Tenso
         final = trained_tensors(layers)
         rows = cut(model, layers, cfg.ratio, cfg.deviation, cfg.rank_multiple)
     save_tensors(run_dir, SCORES_FILE, final)
-    return rows, final, history
+    return rows, final, history, teacher
 

@@ -1,8 +1,8 @@
-"""The trainable spectrum layer SoCo learns on: y = B₀ ((σ ⊙ s ⊙ h) ⊙ (A₀ x)) + bias + d.
+"""The trainable spectrum layer a learned method trains (SoCo's, and any other's on a spectral basis): y = B₀ ((σ ⊙ s ⊙ h) ⊙ (A₀ x)) + bias + d.
 
 A₀ (k×n) and B₀ (m×k) are the frozen singular vectors of one basis (plain or whitened),
 σ the singular values, s a learnable score per component (starts at 1) and d a learnable
-deviation bias (starts at 0). h is a soft keep-gate shared through `GateState`:
+deviation d, a bias added to the output (starts at 0). h is a soft keep-gate shared through `GateState`:
 
     h_i = sigmoid((log(|s_i|·q_i) − log θ) / T)
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.adapter import Target, replace_module
+from ..core.adapter import Target, replace_module
 
 
 @dataclass
@@ -65,7 +65,7 @@ class SpectralLinear(nn.Module):
         # Trainable state lives where the basis lives (float32 for stable Adam updates in any model dtype).
         kw = {"dtype": torch.float32, "device": left.device}
         self.scores = nn.Parameter(torch.ones(sigma.numel(), **kw))
-        self.delta = nn.Parameter(torch.zeros(self.out_features, **kw))
+        self.deviation = nn.Parameter(torch.zeros(self.out_features, **kw))
         self.gate_state = gate
         self.register_buffer("mask", torch.ones(sigma.numel(), **kw), persistent=False)  # the exact cut, when hard
 
@@ -100,7 +100,7 @@ class SpectralLinear(nn.Module):
         # Finding the kept components is a host read: free on the CPU, a stall every step on a GPU.
         kept_only = self.gate_state.hard and self.kept_only_on_cpu and x.device.type == "cpu"
         y = self.kept_product(x) if kept_only else self.masked_product(x)
-        return y + self.delta.to(y.dtype)
+        return y + self.deviation.to(y.dtype)
 
     def masked_product(self, x: torch.Tensor) -> torch.Tensor:
         """B₀ (gated σ ⊙ A₀ x) + bias over every component (cut ones with a gate of 0 in hard mode)."""

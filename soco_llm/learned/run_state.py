@@ -1,8 +1,8 @@
-"""What a SoCo run folder holds, read-only, and whether a command may use it.
+"""What a learned method's run folder holds, read-only, and whether a command may use it.
 
 run.json records a run's config, model and status ("running" until the cut is saved, then "done");
-checkpoint.json its last saved step; block-*.safetensors the blocks a block-wise run finished.
-`SoCoConfig.preflight` asks before anything is loaded and `run_folder.prepare` asks again as the run
+the trainer's checkpoint.json its last saved step (`core/trainer.py`); block-*.safetensors the blocks a block-wise run finished.
+`LearnedConfig.preflight` asks before anything is loaded and `run_folder.prepare` asks again as the run
 starts, so a plain rerun after a crash or Ctrl-C is told exactly what to do rather than refused
 blankly, and an interrupted run says what it kept.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import SocoError
-from ...io.read import read_json
+from ..core.trainer import checkpoint_step
+from ..errors import SocoError
+from ..io.read import read_json
 
 RUN_FILE = "run.json"
-CHECKPOINT_FILE = "checkpoint.json"
 SCORES_FILE = "soco_scores.safetensors"
 BASIS_FILE = "basis.safetensors"
 TEACHER_FILE = "teacher.safetensors"
@@ -46,7 +46,7 @@ def read_meta(run_dir: str | Path) -> dict | None:
         return None
     meta = _read_json(path, "run record", run_dir)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or meta.get("status") not in STATUSES:
-        raise SocoError(f"{path} is not a SoCo run record (it needs a 'config' object and a status of "
+        raise SocoError(f"{path} is not a run record (it needs a 'config' object and a status of "
                         f"{' or '.join(STATUSES)}); delete the run folder (rm -r {run_dir}) to start over")
     return meta
 
@@ -81,18 +81,6 @@ def check_run_dtype(run_dir: Path, meta: dict, dtype: str) -> None:
                         f"--dtype {made}, or choose another --run-dir")
 
 
-def checkpoint_step(run_dir: Path) -> int | None:
-    """The step of the last checkpoint, None without one."""
-    path = run_dir / CHECKPOINT_FILE
-    if not path.is_file():
-        return None
-    meta = _read_json(path, "checkpoint", run_dir)
-    step = meta.get("step") if isinstance(meta, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise SocoError(f"{path} holds no valid step; delete the run folder (rm -r {run_dir}) to start over")
-    return step
-
-
 def describe(run_dir: Path, steps: int | None = None) -> str:
     """What an unfinished run kept, as the tail of a sentence: 'the checkpoint at step 108 of 160'."""
     step = checkpoint_step(run_dir)
@@ -117,7 +105,7 @@ def check_run_dir(cfg) -> None:
     if meta is None:
         # Our own leftovers (hidden temp files of a killed write) are no reason to refuse; a user's files are.
         if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
-            raise SocoError(f"{str(run_dir)!r} exists and is not a SoCo run folder (no {RUN_FILE}); choose another "
+            raise SocoError(f"{str(run_dir)!r} exists and is not a run folder (no {RUN_FILE}); choose another "
                             "--run-dir or empty it")
         return
     if cfg.resume:

@@ -1,5 +1,6 @@
-"""SoCo's run folder: run.json (config, model, status), the cached basis and teacher, checkpoints
-(scores, biases, Adam state, step) and the trained scores. Rank 0 writes; every write is atomic.
+"""A learned method's run folder: run.json (config, model, dtype, status), the cached basis and teacher,
+the trainer's checkpoint (`core/trainer.py`) and the trained scores. Rank 0 writes; every write is atomic.
+Any learned method uses it through `prepare` / `finish` and the readers and writers below.
 
 Batches are a function of (seed, step), so a checkpoint needs no RNG state: resuming from it
 reproduces an uninterrupted run. Reading what a folder holds, and whether it may be used, is
@@ -8,28 +9,24 @@ reproduces an uninterrupted run. Reading what a folder holds, and whether it may
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ...errors import SocoError
-from ...io.atomic import atomic_save_tensors, atomic_write_json
-from ...io.read import read_tensors
-from ...runtime import dtype_name, world
-from .basis import flatten, unflatten
-from .config import SoCoConfig
-from .run_state import (BASIS_FILE, CHECKPOINT_FILE, RUN_FILE, SCORES_FILE, TEACHER_FILE, check_run_dir,  # noqa: F401
-                        check_run_dtype, checkpoint_step, kept_config, read_meta, start_over)
+from ..core.teacher import Teacher
+from ..io.atomic import atomic_save_tensors, atomic_write_json
+from ..io.read import read_tensors
+from ..runtime import dtype_name, world
+from .run_state import (BASIS_FILE, RUN_FILE, SCORES_FILE, TEACHER_FILE, check_run_dir,  # noqa: F401
+                        check_run_dtype, kept_config, read_meta, start_over)
 from .spectral import SpectralLinear
-from ...core.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: SoCoConfig, model_spec: str | None, dtype: torch.dtype) -> tuple[Path | None, bool]:
+def prepare(cfg, model_spec: str | None, dtype: torch.dtype) -> tuple[Path | None, bool]:
     """(run folder, whether its basis and teacher cache can be reused). Every rank checks; rank 0 writes."""
     if cfg.run_dir is None:
         return None, False
@@ -62,6 +59,18 @@ def save_tensors(run_dir: Path | None, name: str, tensors: dict[str, torch.Tenso
         atomic_save_tensors(run_dir / name, tensors)
 
 
+def flatten(basis: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{name}::{k}": v for name, entry in basis.items() for k, v in entry.items()}
+
+
+def unflatten(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        name, k = key.split("::")
+        out.setdefault(name, {})[k] = v
+    return out
+
+
 def save_cache(run_dir: Path | None, basis: dict, teacher: Teacher | None) -> None:
     save_tensors(run_dir, BASIS_FILE, flatten(basis))
     if teacher is not None:
@@ -87,7 +96,7 @@ def trained_tensors(layers: dict[str, SpectralLinear]) -> dict[str, torch.Tensor
     out = {}
     for name, l in layers.items():
         out[f"{name}.scores"] = l.scores.detach()
-        out[f"{name}.delta"] = l.delta.detach()
+        out[f"{name}.deviation"] = l.deviation.detach()
         out[f"{name}.prior"] = l.prior
         out[f"{name}.sigma"] = l.spectrum().float()
     return out
@@ -95,40 +104,8 @@ def trained_tensors(layers: dict[str, SpectralLinear]) -> dict[str, torch.Tensor
 
 @torch.no_grad()
 def restore_trained(layers: dict[str, SpectralLinear], tensors: dict[str, torch.Tensor]) -> None:
-    """Put scores and biases saved by `trained_tensors` back into the layers."""
+    """Put scores and deviations saved by `trained_tensors` back into the layers."""
     for name, l in layers.items():
         l.scores.copy_(tensors[f"{name}.scores"])
-        l.delta.copy_(tensors[f"{name}.delta"])
-
-
-def save_checkpoint(run_dir: Path, step: int, layers: dict[str, SpectralLinear], opt: torch.optim.Optimizer,
-                    history: list[dict]) -> None:
-    """Scores, biases, Adam state and step."""
-    t = trained_tensors(layers)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        st = opt.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            if key in st:
-                t[f"opt.{i}.{key}"] = torch.as_tensor(st[key]).reshape(-1)
-    atomic_save_tensors(run_dir / "checkpoint.safetensors", t)
-    atomic_write_json(run_dir / CHECKPOINT_FILE, {"step": step, "history": history})
-
-
-def has_checkpoint(run_dir: Path | None) -> bool:
-    return run_dir is not None and (run_dir / CHECKPOINT_FILE).is_file()
-
-
-def load_checkpoint(run_dir: Path, layers: dict[str, SpectralLinear], opt: torch.optim.Optimizer
-                    ) -> tuple[int, list[dict]]:
-    step = checkpoint_step(run_dir)
-    meta = json.loads((run_dir / CHECKPOINT_FILE).read_text())
-    t = read_tensors(run_dir / "checkpoint.safetensors", start_over(run_dir))
-    restore_trained(layers, t)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        if f"opt.{i}.exp_avg" in t:
-            opt.state[p] = {"step": t[f"opt.{i}.step"].reshape(()).clone(),
-                            "exp_avg": t[f"opt.{i}.exp_avg"].view_as(p).clone().to(p.device),
-                            "exp_avg_sq": t[f"opt.{i}.exp_avg_sq"].view_as(p).clone().to(p.device)}
-    return step, meta.get("history", [])
+        # Runs written before d had one name stored it as `.delta`: same tensor, read either way.
+        l.deviation.copy_(tensors[f"{name}.deviation"] if f"{name}.deviation" in tensors else tensors[f"{name}.delta"])
