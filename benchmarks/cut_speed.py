@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file, however it is loaded
 from harness.environment import environment  # noqa: E402
 from harness.outputs import emit  # noqa: E402
-from harness.reference_cut import reference_cut  # noqa: E402
+from harness.reference_cut import kept_indices, reference_cut  # noqa: E402
 from harness.shapes import SHAPES, linear_shapes  # noqa: E402
 
-from soco_llm.core.budget import budget_params, global_cut, kept_indices, max_useful_rank  # noqa: E402
+from soco_llm.core.budget import budget_params, global_cut, max_useful_rank  # noqa: E402
 
 
 def _median_ms(fn, repeats: int, device: torch.device) -> float:

@@ -57,7 +57,7 @@ def _method_rows(method: str, config, args, device: torch.device) -> list[dict]:
     windows = soco_llm.calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
     _reset(device)
     start = time.perf_counter()
-    report = soco_llm.compress(model, config, windows, calib)
+    report = soco_llm.compress(model, config, windows, calib, soco_llm.HealConfig())  # healed below
     seconds = time.perf_counter() - start
     peak = _peak_mib(device)
     ppl = soco_llm.evaluate_perplexity(model, tok, "bundled", 512, args.eval_windows)
@@ -90,7 +90,7 @@ def shape_row(args, device: torch.device) -> dict:
                                  whiten_samples=args.shape_samples)
     _reset(device)
     start = time.perf_counter()
-    report = soco_llm.compress(model, config, windows)
+    report = soco_llm.compress(model, config, windows, heal_config=soco_llm.HealConfig())
     phases = report.config["phases"]["seconds"]
     return {"row": f"soco @ {args.ratio}, {args.shape_steps} steps ({args.shape}, random bf16)", "perplexity": None,
             "tokens": None, "compress_s": time.perf_counter() - start, "phases_s": phases,

@@ -57,7 +57,7 @@ def run_row(spec: dict) -> dict:
         cfg = SoCoConfig(ratio=spec["ratio"], **spec["settings"])
         calib = soco_llm.calibration_windows(tok, "bundled", cfg.num_samples, cfg.seq_len, cfg.seed)
         start = time.perf_counter()
-        report = soco_llm.compress(model, cfg, calib)
+        report = soco_llm.compress(model, cfg, calib, heal_config=soco_llm.HealConfig())  # training alone
     seconds = time.perf_counter() - start
     ppl = soco_llm.evaluate_perplexity(model, tok)
     ranks = [r["rank"] for r in report.layers]

@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "at higher perplexity")
     c.add_argument("--resume", action="store_true", help="continue the learned method's run in --run-dir, and the "
                    "healing in OUT.heal")
+    c.add_argument("--pipeline", default="whole-model", choices=("whole-model", "block-sequential"),
+                   help="whole-model: the dense model in memory (default); block-sequential: decoder blocks read one at "
+                        "a time from the model folder's safetensors, so the dense model is never in memory whole (a "
+                        "method that walks the blocks, e.g. soco with --set blockwise=true; no dense evaluation, "
+                        "baseline or healing, which need the whole dense model)")
     c.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
                    help="the model's dtype while compressing and in the saved folder (default: float32; auto: the "
                         "checkpoint's own, e.g. float16 for many Llama-2 and OPT checkpoints)")

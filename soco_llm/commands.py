@@ -28,8 +28,9 @@ from .info import print_info
 from .io import atomic, check_folder, export_dense, save_compressed
 from .learned.recut import export_from_run, run_config
 from .methods import METHODS, config_for
-from .models import fit_window, load_model
-from .runtime import init_distributed, is_main_process, resolve_device
+from .core.streamed import open_streamed_with_tokenizer
+from .models import default_model_dir, fit_window, load_model
+from .runtime import init_distributed, is_main_process, parse_dtype, resolve_device
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -144,9 +145,11 @@ def cmd_compress(args) -> None:
     check_eval_data(args)
     check_out(args.out, args.overwrite, args.model, getattr(config, "run_dir", None), *_read_paths(args))
     heal_cfg = heal_config(args, args.seed, config.heal_defaults())
+    streamed = check_block_sequential(args, config, baseline, heal_cfg)
     init_distributed(device)  # under torchrun / accelerate launch; a no-op otherwise
     main_process = is_main_process()
-    model, tok = load_model(args.model, args.dtype, device)
+    model, tok = (open_streamed_with_tokenizer(streamed, parse_dtype(args.dtype), device) if streamed
+                  else load_model(args.model, args.dtype, device))
     # What needs the model's shapes, before any work: the ratio can be met, the windows fit, the output fits.
     targets = check_target(model, config)
     calib.seq_len = fit_window(model, calib.seq_len, "--seq-len",
@@ -155,7 +158,7 @@ def cmd_compress(args) -> None:
         fit_eval_window(model, args)
     if main_process:
         atomic.check_free_space(args.out, compressed_bytes(model, targets, config.ratio), "--out")
-    dense = evaluate(model, tok, args, "dense", keep=True) if args.eval and main_process else None
+    dense = evaluate(model, tok, args, "dense", keep=True) if args.eval and main_process and not streamed else None
     rows = [("dense", dense)] if dense is not None else []
     if baseline is not None and main_process:
         rows.append((baseline.method, _run_baseline(copy.deepcopy(model), tok, baseline, args, dense)))
@@ -174,6 +177,24 @@ def cmd_compress(args) -> None:
     report.config["calibration"] = vars(calib)
     print(report.summary())
     _finish(model, tok, report, args, dense, rows)
+
+
+def check_block_sequential(args, config, baseline, heal_cfg) -> str | None:
+    """With --pipeline block-sequential, the model folder its blocks are read from, once the run is checked to need
+    nothing of the whole dense model; None for the whole-model pipeline."""
+    if args.pipeline != "block-sequential":
+        return None
+    refusal = config.block_sequential_refusal()
+    if refusal:
+        raise SocoError(f"--pipeline block-sequential: {refusal}")
+    if baseline is not None or heal_cfg.steps:
+        raise SocoError("--pipeline block-sequential never holds the whole dense model, which --baseline and "
+                        "healing need; drop them, or use --pipeline whole-model")
+    folder = args.model if args.model is not None else str(default_model_dir())
+    if not Path(folder).is_dir() or not (Path(folder) / "config.json").is_file():
+        raise SocoError(f"--pipeline block-sequential reads a dense model folder's safetensors, and {folder!r} is not "
+                        "a model folder; convert it first (soco export-dense, or save_dense)")
+    return folder
 
 
 def _run_baseline(model, tok, config, args, dense=None) -> dict:

@@ -11,8 +11,8 @@ import soco_llm
 import soco_llm.core.head as head_module
 import soco_llm.core.teacher as teacher_module
 from soco_llm.core.head import ChunkedHeadLoss, head_split
-from soco_llm.core.teacher import kl_batch_loss, kl_per_position, kl_to_teacher, student_kl, teacher_cache, top_k_entry
-from tiny import ARCHS, random_windows, tiny_config, tiny_model
+from soco_llm.core.teacher import kl_batch_loss, kl_per_position, kl_to_teacher, student_kl, teacher_cache
+from tiny import ARCHS, random_windows, tiny_config, tiny_model, top_k_entry
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,7 +8,7 @@ import soco_llm.core.teacher as teacher_module
 from soco_llm.core.layer import LowRankLinear
 from soco_llm.core.teacher import kl_to_teacher, teacher_cache
 from soco_llm.heal import HealConfig, heal, heal_checkpoint_step, step_lr
-from tiny import random_windows, tiny_model, tiny_tokenizer
+from tiny import random_windows, tiny_model, tiny_tokenizer, top_k_entry
 
 
 def _compressed(ratio=0.6):
@@ -208,7 +208,7 @@ def test_the_logsumexp_kl_candidate_equals_the_kl_in_value_and_gradient():
 
     g = torch.Generator().manual_seed(0)
     teacher_logits = torch.randn(3, 17, 500, generator=g) * 4
-    t = teacher_module.top_k_entry(teacher_logits, 32)
+    t = top_k_entry(teacher_logits, 32)
     grads = []
     for fn in (kl_to_teacher, logsumexp_kl):
         x = (torch.randn(3, 17, 500, generator=torch.Generator().manual_seed(1)) * 4).requires_grad_(True)

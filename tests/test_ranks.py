@@ -25,7 +25,7 @@ def test_achieved_ratio_by_hand():
     old = 100 * 50 + 40 * 40 + 30 * 60
     new = 10 * 150 + 40 * 40 + 5 * 90
     assert achieved_ratio(layers) == pytest.approx(1 - new / old, abs=1e-15)
-    new_d = new + 100 + 30  # an added bias d costs m per compressed layer
+    new_d = new + 100 + 30  # a deviation d costs m per compressed layer
     with_d = [LayerRank(x.name, x.out_features, x.in_features, x.rank, deviation=True) for x in layers]
     assert achieved_ratio(with_d) == pytest.approx(1 - new_d / old, abs=1e-15)
 

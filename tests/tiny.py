@@ -60,3 +60,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def random_windows(n: int = 8, seq_len: int = 32, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(4, vocab, (n, seq_len), generator=g)
+
+
+def top_k_entry(logits, k: int):
+    """The teacher entry of one batch of logits [B, L, V] (predictions of positions 1..L-1), on the host."""
+    from soco_llm.core.teacher import Teacher, top_k_rows
+
+    return Teacher(*(t.cpu() for t in top_k_rows(logits[:, :-1], k)))

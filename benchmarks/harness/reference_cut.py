@@ -39,3 +39,8 @@ def reference_cut(importance: dict[str, torch.Tensor], shapes: dict[str, tuple[i
         kept[name].append(ci)
         used += m + n
     return {name: sorted(k) for name, k in kept.items()}
+
+
+def kept_indices(masks: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """The kept component indices of each layer, ascending: the global cut's masks in the reference's form."""
+    return {name: torch.nonzero(m).squeeze(1).tolist() for name, m in masks.items()}

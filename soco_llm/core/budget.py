@@ -1,7 +1,7 @@
 """Parameter budgets: ratio accounting, rank rules and the global cut, exactly as METHOD.md defines them.
 
 ratio = 1 − new/old over the linear layers inside the decoder blocks (embeddings and LM head
-excluded). old = Σ m·n; new = Σ r·(m+n) (+ m for an added bias d) for compressed layers and
+excluded). old = Σ m·n; new = Σ r·(m+n) (+ m for a deviation d) for compressed layers and
 m·n for layers left dense. Rank 0 marks a dense layer.
 
 `deviation` (one name for it everywhere): a compressed layer that carries a trained deviation d, a bias
@@ -19,7 +19,7 @@ from ..errors import SocoError
 
 RATIO_DEFINITION = (
     "ratio = 1 - new/old over decoder-block linear weights only (embeddings and LM head excluded); "
-    "old = sum m*n; new = sum r*(m+n) (+m for an added bias d) for compressed layers, m*n for dense ones"
+    "old = sum m*n; new = sum r*(m+n) (+m for a deviation d) for compressed layers, m*n for dense ones"
 )
 
 
@@ -177,7 +177,7 @@ def global_cut(importance: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
     """Keep the most important components over all layers until the parameter budget is met.
 
     Greedy in descending importance (importances are >= 0): a component of an m×n layer costs m+n and
-    is kept if it still fits the budget; a compressed layer also pays m for its bias d when
+    is kept if it still fits the budget; a compressed layer also pays m for its deviation d when
     `deviation`. Every layer keeps at least its best component, and never grows to a size that is
     not smaller than dense. Returns a boolean keep-mask per layer, on the importances' device.
     With `multiple` > 1 every layer keeps a multiple of that many components (hardware-friendly
@@ -224,8 +224,3 @@ def global_cut(importance: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
     used = cost[first].sum() + extra
     kept_groups = _greedy(mean, cost, live, first.clone(), used, budget, len({multiple * (m + n) for m, n in dims}) + 1)
     return dict(zip(names, kept_groups[group].split(sizes.tolist())))
-
-
-def kept_indices(masks: dict[str, torch.Tensor]) -> dict[str, list[int]]:
-    """The kept component indices of each layer, ascending (for reports and tests)."""
-    return {name: torch.nonzero(m).squeeze(1).tolist() for name, m in masks.items()}

@@ -1,4 +1,4 @@
-"""Bases: each turns a weight W (m×n) into a `Decomposition` W = left·diag(sigma)·right, from which
+"""Decompositions: each turns a weight W (m×n) into a `Decomposition` W = left·diag(sigma)·right, from which
 factors A (r×n), B (m×r) with W ≈ B·A are read at any rank.
 
 All work is in fp64. Every SVD-family method is "SVD of W in some basis, truncate, map back":

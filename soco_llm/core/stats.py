@@ -3,7 +3,9 @@
 `BlockRunner` captures the inputs of the first decoder block once, then walks the stack:
 run block i on its inputs with hooks on its target linears, hand the statistics to a callback
 (which may compress the block), and feed the outputs to block i+1. Peak memory is one block's
-activations over the calibration set, independent of depth. Fisher information needs the
+activations over the calibration set, independent of depth; a model opened by `streamed.open_streamed`
+has each block read from disk just before its turn and its replaced layers dropped after (`block_source`),
+so the dense model is never in memory whole. Fisher information needs the
 LM loss, so it is the one statistic collected with a whole-model backward pass.
 """
 
@@ -43,10 +45,6 @@ class LayerStats:
 
 class _StopForward(Exception):
     pass
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
@@ -160,8 +158,11 @@ class BlockRunner:
     @torch.no_grad()
     def run(self, on_block: BlockCallback, kinds: set[str], sequential: bool = False, desc: str = "blocks") -> None:
         _, blocks = decoder_blocks(self.model)
+        source = getattr(self.model, "block_source", None)  # blocks read one at a time (streamed.py)
         inputs = capture_block_inputs(self.model, self.batches)
         for i, block in enumerate(tqdm(blocks, desc=desc)):
+            if source is not None:
+                source.load(i)
             targets = [t for t in self.targets if t.block == i]
             collector = _InputStats(targets, kinds, self.model)
             outputs = []
@@ -177,6 +178,8 @@ class BlockRunner:
             if sequential:  # the next block sees what the compressed block produces
                 outputs = [block_output(block(*args, **kwargs)) for args, kwargs in inputs]
             inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outputs)]
+            if source is not None:
+                source.release(i)
 
 
 def collect_fisher(model: nn.Module, targets: list[Target], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -51,11 +51,6 @@ def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return top, idx, torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
 
 
-def top_k_entry(logits: torch.Tensor, k: int) -> Teacher:
-    """The teacher entry of one batch of logits [B, L, V] (predictions of positions 1..L-1), on the host."""
-    return Teacher(*(t.cpu() for t in top_k_rows(logits[:, :-1], k)))
-
-
 @torch.no_grad()
 def teacher_cache(model: nn.Module, windows: torch.Tensor, k: int, batch_size: int) -> Teacher:
     device = next(model.parameters()).device

@@ -90,6 +90,11 @@ class CompressionConfig:
         `MethodResult.teacher`; None: it caches none (healing then computes its own before the cut)."""
         return None
 
+    def block_sequential_refusal(self) -> str | None:
+        """Why this config cannot run in the block-sequential pipeline (blocks read one at a time from disk,
+        `core/streamed.py`); None: it can (its handler walks the blocks with `BlockRunner`, one at a time)."""
+        return f"{self.method} is not run block by block in this version"
+
     def calibration(self, source: str = "bundled", seed: int = 0, num_samples: int | None = None,
                     seq_len: int | None = None, batch_size: int | None = None) -> CalibrationConfig:
         """The calibration windows this config wants: the sizes given, else 32 windows of 512 in batches of 8."""

@@ -94,6 +94,9 @@ class SoCoConfig(LearnedConfig):
         """A whole-model run caches the teacher of its training windows; a block-wise run needs none."""
         return None if self.blockwise else super().teacher_windows()
 
+    def block_sequential_refusal(self) -> str | None:
+        return None if self.blockwise else "whole-model SoCo needs the whole model; add --set blockwise=true"
+
     @classmethod
     def recut_refusal(cls, meta: dict) -> str | None:
         if meta["config"].get("blockwise") is True:

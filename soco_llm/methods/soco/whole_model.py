@@ -22,7 +22,7 @@ from .train import freeze, train_scores
 
 def train(model: nn.Module, layers: dict[str, SpectralLinear], gate: GateState, windows: torch.Tensor,
           teacher: Teacher, cfg: SoCoConfig, run_dir: Path | None) -> list[dict]:
-    """The scores and biases of every layer trained together by KL to the cached teacher."""
+    """The scores and deviations of every layer trained together by KL to the cached teacher."""
     freeze(model)
     return train_scores(layers, gate, kl_batch_loss(model, windows, teacher, cfg.batch_size), cfg, run_dir)
 
