@@ -1,6 +1,6 @@
-"""The GPU check: SVD-LLM and SoCo at 0.4 on the default model (SoCo also after its default healing), and a
+"""The GPU check: SVD-LLM and SoCo at 0.4 on the default model (SoCo also after its default healing), a
 few SoCo steps on a random-weight SmolLM2-1.7B shape in bf16, with quality, wall time per phase, seconds a
-step and peak GPU memory.
+step and peak GPU memory; and SVD-LLM at 0.4 in bf16 plain, int8 and int4 (the device's quantized kernels).
 
     python benchmarks/gpu_check.py                          # on a CUDA machine; writes the results below
     python benchmarks/gpu_check.py --device cpu --steps 4   # the same path on a CPU (a smoke run)
@@ -81,6 +81,45 @@ def _method_rows(method: str, config, args, device: torch.device) -> list[dict]:
     return rows
 
 
+def quantized_rows(args, device: torch.device) -> list[dict]:
+    """SVD-LLM at the ratio (ranks rounded to 16) in bf16, plain, int8 and int4 (group 64), on the device: the
+    kernels `soco_llm.quantize` picks there (CUDA: int8 dequantize-in-matmul, int4 tinygemm); perplexity and
+    greedy decode tokens/s (64 new tokens after a 128-token prompt, batch 1, eager)."""
+    import copy
+
+    from soco_llm.quantize import quantize_model
+
+    model, tok = soco_llm.load_model(args.model, "bfloat16", str(device))
+    config = soco_llm.config_for("svd-llm", ratio=args.ratio, rank_multiple=16)
+    calib = config.calibration("bundled", 0)
+    windows = soco_llm.calibration_windows(tok, calib.source, calib.num_samples, calib.seq_len, calib.seed)
+    soco_llm.compress(model, config, windows, calib)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(min(100, vocab // 2), vocab, (1, 128), generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    for scheme, group in ((None, None), ("int8", None), ("int4", 64)):
+        m = copy.deepcopy(model)
+        quantize_model(m, scheme, group)
+        ppl = soco_llm.evaluate_perplexity(m, tok, "bundled", 512, args.eval_windows)
+        _reset(device)
+        times = []
+        for n in (1, 64, 1, 64):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                       min_new_tokens=n, pad_token_id=tok.eos_token_id)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        tok_s = 63 / max(times[3] - times[2], 1e-9)
+        label = "plain" if scheme is None else scheme + (f" g{group}" if group else "")
+        rows.append({"row": f"svd-llm @ {args.ratio} bf16, {label}: {tok_s:.1f} decode tok/s", "perplexity": ppl.perplexity,
+                     "tokens": ppl.tokens, "compress_s": 0.0, "phases_s": {}, "s_per_step": None,
+                     "peak_gpu_mib": _peak_mib(device), "decode_tok_s": tok_s})
+    return rows
+
+
 def shape_row(args, device: torch.device) -> dict:
     """A few SoCo steps on a random-weight public shape in bf16 (speed and memory depend on shapes only)."""
     model = random_model(args.shape, "bfloat16", str(device))
@@ -139,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     soco_settings = {} if args.steps is None else {"steps": args.steps}
     rows = [*method_rows("svd-llm", args, device, {}), *method_rows("soco", args, device, soco_settings),
-            shape_row(args, device)]
+            shape_row(args, device), *quantized_rows(args, device)]
     env = environment(__file__, argv, device=str(device))
     stem = Path(args.out_dir) / f"gpu_check_{device.type}"
     emit(markdown(rows, env), f"{stem}.md", f"{stem}.json", {"rows": rows, "environment": env})

@@ -8,9 +8,16 @@
     soco_llm.fast_inference(model)                          # static KV cache + compiled decode for generate()
 
 Layout: `core/` (method-agnostic parts), `methods/` (one config + handler per method),
-`io/` (files), `eval/` (perplexity, zero-shot), `compress.py` (the one entry point), `cli.py`.
-Importing the package registers the compressed format with transformers (`io.hf_quantizer`).
+`io/` (files), `eval/` (perplexity, zero-shot), `compress.py` (the one entry point), `quantize/` (int8 / int4
+weights), `cli.py`. Importing the package registers formats 1-2's hook with transformers (`io.hf_quantizer`).
 """
+
+import logging
+
+# transformers imports torchao whenever it is installed, and torchao then logs a warning per CUDA extension
+# a CPU build cannot load (and torch one per enum it registers): noise on stderr above every CLI message.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 from .version import __version__  # noqa: E402,F401
 from .compress import compress  # noqa: E402

@@ -18,6 +18,7 @@ from .errors import SocoError
 from .eval.perplexity import EVAL_RULES, EVAL_SEQ_LEN
 from .core.trainer import Interrupted
 from .methods import METHODS, CalibrationConfig, CompressionConfig
+from .quantize.cli import add_quantize_args, add_quantize_parser
 from .runtime import DEVICE_CHOICES, DTYPE_CHOICES, keep_freed_host_memory
 
 log = logging.getLogger("soco_llm")
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compress a fresh copy of the dense model with METHOD (its default calibration: "
                         "32x512 tokens of --calib) and print its perplexity beside the main method's")
     _add_eval_args(c)
+    add_quantize_args(c)
 
     e = sub.add_parser("eval", help="perplexity (default) or, with --tasks, zero-shot accuracy of a model")
     e.add_argument("model", nargs="?", default=None, help="model folder, .gguf file or hub id (default: bundled model)")
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="with --heal-steps: continue the healing in OUT.heal")
     _add_device_arg(r)
     _add_eval_args(r)
+    add_quantize_args(r)
 
     x = sub.add_parser("export-dense", help="write an ordinary dense HF folder from a compressed one")
     x.add_argument("folder")
@@ -195,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "step; CUDA graphs on GPUs); an untimed first run compiles it")
     g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default: as saved (auto)")
     _add_device_arg(g)
+
+    add_quantize_parser(sub)
 
     k = sub.add_parser("clean", help="clean up the temporary and moved-aside folders that killed saves left")
     k.add_argument("path", nargs="?", default=".",

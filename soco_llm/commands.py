@@ -30,6 +30,7 @@ from .learned.recut import export_from_run, run_config
 from .methods import METHODS, config_for
 from .core.streamed import open_streamed_with_tokenizer
 from .models import default_model_dir, fit_window, load_model
+from .quantize.cli import check_run_ranks, quantize_before_save, quantize_folder, round_ranks
 from .runtime import init_distributed, is_main_process, parse_dtype, resolve_device
 
 
@@ -136,6 +137,7 @@ def cmd_compress(args) -> None:
     check_source(args.calib, "--calib")  # even where a data-free method will not read it: a bad file is a mistake
     kwargs, preset = method_kwargs(args)
     config = config_for(args.method, preset, **kwargs)  # validates every field before any heavy work
+    round_ranks(args, config)  # --quantize: ranks a multiple of what the layout needs
     config.preflight()
     calib = config.calibration(args.calib, args.seed, args.samples, args.seq_len, args.batch_size)
     calib.validate()
@@ -208,7 +210,8 @@ def _run_baseline(model, tok, config, args, dense=None) -> dict:
 
 
 def _finish(model, tok, report, args, dense=None, rows=()) -> None:
-    """Evaluate (optionally) and save a compressed model."""
+    """Quantize (--quantize), evaluate (optionally) and save a compressed model."""
+    quantize_before_save(model, report, args)
     label = report.method + ("+heal" if report.config.get("heal") else "")
     compressed = evaluate(model, tok, args, label, dense) if args.eval else None
     if compressed is not None:
@@ -228,6 +231,7 @@ def _finish(model, tok, report, args, dense=None, rows=()) -> None:
 def cmd_export(args) -> None:
     device = resolve_device(args.device)
     cfg, _ = run_config(args.run)  # run.json readable and valid, before the model is loaded
+    check_run_ranks(args, cfg)
     check_eval_data(args)
     check_out(args.out, args.overwrite, args.run, *_read_paths(args))
     heal_cfg = heal_config(args, cfg.seed, cfg.heal_defaults())  # the method's own healing, as `compress` gives it
@@ -305,5 +309,9 @@ def cmd_generate(args) -> None:
           f"{g.tokens_per_s:.1f} tokens/s (greedy, prefill included{', fast path' if args.fast else ''})")
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export,
+def cmd_quantize(args) -> None:
+    quantize_folder(args, check_out, load_model)
+
+
+COMMANDS = {"quantize": cmd_quantize, "compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export,
             "export-dense": cmd_export_dense, "clean": cmd_clean, "generate": cmd_generate}

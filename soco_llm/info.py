@@ -71,6 +71,10 @@ def print_info(folder: Path, comp: dict) -> None:
               f"{report['model_params_after'] / 1e6:.2f}M params")
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     print(f"weights on disk: {size / 2**20:.1f} MiB")
+    quant = comp.get("quantization")
+    if quant:
+        group = f", groups of {quant['group_size']}" if quant.get("group_size") else ""
+        print(f"quantized: {quant['scheme']}{group}, {len(quant['layers'])} decoder linears")
     print(f"{'layer':<48} {'out x in':>12} {'rank':>6} {'ratio':>7}")
     for r in rows:
         shape = f"{r['out_features']}x{r['in_features']}" if "out_features" in r and "in_features" in r else ""

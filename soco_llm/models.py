@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 from .core.stats import nonfinite_weight
 from .data import package_dir
 from .errors import SocoError
-from .io import check_folder, save_dense
+from .io import load, save_dense
 from .runtime import parse_dtype, resolve_device
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,14 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype | None = None, 
             raise SocoError(f"model folder {spec!r} not found; give a model folder, a .gguf file or a hub id (org/name)")
         if not (path / "config.json").is_file():
             raise SocoError(f"{spec!r} has no config.json; is it a Hugging Face model folder?")
-        if _is_compressed(path):  # the checks `soco info` and `soco_llm.load` make (version, ranks, factors)
-            check_folder(path)
+        if _is_compressed(path):  # soco-llm's own format: rebuilt by explicit surgery, every tensor checked
+            model = load(path, dtype)
+            try:
+                tok = AutoTokenizer.from_pretrained(spec)
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise SocoError(f"could not load the tokenizer of {spec!r}: {first}") from e
+            return _ready(model, tok, spec, device)
     kw = {"trust_remote_code": trust_remote_code}
     try:
         with _quiet_load_report():

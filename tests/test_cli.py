@@ -332,7 +332,7 @@ def test_dtype_auto_keeps_the_checkpoints_dtype(capsys, text_file, tmp_path, dty
     assert code == 0, err
     assert "soco" in stdout and "nan" not in stdout.lower()
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith((".A", ".B"))}
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith((".A.weight", ".B.weight"))}
     assert dtypes == {expected}
 
 
@@ -360,4 +360,4 @@ def test_a_bf16_run_exports_and_resumes_in_its_own_dtype(capsys, model_dir, text
     assert code == 0, err
     assert "target ratio 0.600" in stdout and "nan" not in stdout.lower()
     with safe_open(str(tmp_path / "e" / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith((".A", ".B"))} == {torch.bfloat16}
+        assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith((".A.weight", ".B.weight"))} == {torch.bfloat16}

@@ -32,13 +32,13 @@ MODE_IDS = ["factors", "adapter", "factors-cosine"]
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_healing_lowers_the_kl_and_keeps_ranks_and_ratio(mode):
     model, windows, teacher, report = _compressed()
-    shapes = {n: (m.A.shape, m.B.shape) for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    shapes = {n: (m.A.weight.shape, m.B.weight.shape) for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     keys = set(model.state_dict())
     before = _kl(model, windows, teacher)
     history = heal(model, teacher, windows, HealConfig(steps=30, lr=3e-3, batch_size=4, **mode))
     assert len(history) == 30
     assert _kl(model, windows, teacher) < 0.8 * before
-    assert {n: (m.A.shape, m.B.shape) for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == shapes
+    assert {n: (m.A.weight.shape, m.B.weight.shape) for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == shapes
     assert set(model.state_dict()) == keys  # adapters merged and gone: plain factors, nothing added
     assert {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == \
         {n: r for n, r in report.ranks.items() if r}
@@ -109,7 +109,7 @@ def test_resuming_with_the_other_mode_is_a_clear_error(tmp_path):
     heal(model, teacher, windows, HealConfig(steps=2, lr=3e-3, checkpoint_every=2, run_dir=str(tmp_path)))
     with pytest.raises(soco_llm.SocoError, match="trained with mode 'factors', not 'adapter'"):
         heal(model, teacher, windows, HealConfig(steps=4, mode="adapter", run_dir=str(tmp_path), resume=True))
-    assert all(type(m.A) is torch.nn.Parameter for m in model.modules() if isinstance(m, LowRankLinear))
+    assert all(type(m.A.weight) is torch.nn.Parameter for m in model.modules() if isinstance(m, LowRankLinear))
 
 
 def test_factor_adapters_follow_their_factors_device_and_dtype_and_merge_exactly():
@@ -120,15 +120,15 @@ def test_factor_adapters_follow_their_factors_device_and_dtype_and_merge_exactly
     params = attach_factor_adapters({"l": layer}, 2, seed=0)
     assert all(p.dtype == torch.float32 for p in params.values())
     assert all(p.device.type == "meta" for p in attach_factor_adapters({"m": meta}, 2, seed=0).values())
-    assert meta.A.device.type == "meta" and meta.A.dtype == torch.bfloat16
+    assert meta.A.weight.device.type == "meta" and meta.A.weight.dtype == torch.bfloat16
     with torch.no_grad():
         params["l.A.up"].normal_()
         params["l.B.up"].normal_()
     x = torch.randn(4, 8, dtype=torch.bfloat16)
-    y, A, B = layer(x), layer.A.detach().clone(), layer.B.detach().clone()
+    y, A, B = layer(x), layer.A.weight.detach().clone(), layer.B.weight.detach().clone()
     merge_factor_parametrizations({"l": layer})
-    assert torch.equal(layer.A, A) and torch.equal(layer.B, B) and torch.equal(layer(x), y)
-    assert type(layer) is LowRankLinear and type(layer.A) is torch.nn.Parameter and layer.A.dtype == torch.bfloat16
+    assert torch.equal(layer.A.weight, A) and torch.equal(layer.B.weight, B) and torch.equal(layer(x), y)
+    assert type(layer) is LowRankLinear and type(layer.A.weight) is torch.nn.Parameter and layer.A.weight.dtype == torch.bfloat16
 
 
 def test_factor_masters_keep_steps_below_bf16_spacing_and_merge_to_the_model_dtype():
@@ -141,12 +141,12 @@ def test_factor_masters_keep_steps_below_bf16_spacing_and_merge_to_the_model_dty
     with torch.no_grad():
         for _ in range(100):  # each step 1e-4, under bf16's spacing at 1.0 (2^-7): a bf16 factor would stay 1.0
             params["l.A"].add_(1e-4)
-    assert torch.equal(layer.A, (ones.float() + 0.01).to(torch.bfloat16))  # the layer reads the master, cast
+    assert torch.equal(layer.A.weight, (ones.float() + 0.01).to(torch.bfloat16))  # the layer reads the master, cast
     merge_factor_parametrizations({"l": layer})
-    assert type(layer.A) is torch.nn.Parameter and layer.A.dtype == torch.bfloat16 and layer.A.shape == (3, 8)
-    assert torch.equal(layer.A, (ones.float() + 0.01).to(torch.bfloat16)) and not torch.equal(layer.A, ones)
+    assert type(layer.A.weight) is torch.nn.Parameter and layer.A.weight.dtype == torch.bfloat16 and layer.A.weight.shape == (3, 8)
+    assert torch.equal(layer.A.weight, (ones.float() + 0.01).to(torch.bfloat16)) and not torch.equal(layer.A.weight, ones)
     fp32 = LowRankLinear.from_factors(torch.randn(3, 8), torch.randn(5, 3))
-    assert attach_factor_masters({"f": fp32})["f.A"] is fp32.A  # float32 factors train as they are
+    assert attach_factor_masters({"f": fp32})["f.A"] is fp32.A.weight  # float32 factors train as they are
     meta = LowRankLinear(8, 5, 3, device="meta", dtype=torch.bfloat16)
     assert all(p.device.type == "meta" for p in attach_factor_masters({"m": meta}).values())
 

@@ -35,7 +35,7 @@ def test_report_matches_model_parameters(ratio):
     model = tiny_model("llama")
     dense = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight"))
     report = compress(model, config_for("svd", ratio=ratio))
-    factored = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and n.endswith((".A", ".B", "proj.weight")))
+    factored = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and n.endswith((".A.weight", ".B.weight", "proj.weight")))
     assert report.achieved_ratio == pytest.approx(1 - factored / dense, abs=1e-12)
     # The uniform rule never removes less than asked, and rounds away at most one rank per layer.
     assert report.achieved_ratio >= ratio

@@ -128,12 +128,13 @@ def _edit_weights(folder, fn):
 
 
 def _refused(folder, match):
-    """Every way in refuses the folder with one SocoError line."""
-    for attempt in (lambda: soco_llm.load(folder), lambda: AutoModelForCausalLM.from_pretrained(folder),
-                    lambda: soco_llm.load_model(str(folder))):
+    """Every soco-llm way in refuses the folder with one SocoError line; plain from_pretrained never loads it."""
+    for attempt in (lambda: soco_llm.load(folder), lambda: soco_llm.load_model(str(folder))):
         with pytest.raises(SocoError, match=match) as e:
             attempt()
         assert "\n" not in str(e.value)
+    with pytest.raises(Exception):
+        AutoModelForCausalLM.from_pretrained(folder)
 
 
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -141,7 +142,7 @@ LAYER = "model.layers.0.self_attn.q_proj"
 
 def test_good_folder_passes_check_folder(compressed):
     comp = check_folder(compressed[0])
-    assert comp["ranks"][LAYER] > 0 and comp["format_version"] == 2
+    assert comp["ranks"][LAYER] > 0 and comp["format_version"] == 3
     loaded = soco_llm.load(compressed[0])
     assert torch.equal(loaded(input_ids=random_windows()).logits, compressed[1])
 
@@ -158,7 +159,7 @@ def test_invalid_rank_is_refused(folder, rank):
 def test_rank_that_does_not_match_the_factors_is_refused(folder, delta):
     _edit_config(folder, lambda c: c["compression"]["ranks"].__setitem__(LAYER, c["compression"]["ranks"][LAYER] + delta))
     _refused(folder, "shape")
-    with pytest.raises(SocoError, match=f"factors of {LAYER} have shapes"):
+    with pytest.raises(SocoError, match=rf"{LAYER}\.A\.weight has shape"):
         check_folder(folder)
 
 
@@ -166,7 +167,7 @@ def test_rank_zero_for_a_compressed_layer_is_refused(folder):
     """0 means 'left dense', so the dense weight is missing and the factors have no place: never random."""
     _edit_config(folder, lambda c: c["compression"]["ranks"].__setitem__(LAYER, 0))
     _refused(folder, "missing")
-    with pytest.raises(SocoError, match=f"dense weight of {LAYER} .* missing"):
+    with pytest.raises(SocoError, match=rf"missing from the weights \(first: {LAYER}\.weight\)"):
         check_folder(folder)
 
 
@@ -179,19 +180,16 @@ def test_unknown_format_version_is_refused_on_every_path(folder, version, match)
         read_compression(folder)
 
 
-def test_missing_quantization_config_is_refused(folder):
-    _edit_config(folder, lambda c: c.pop("quantization_config"))
-    with pytest.raises(SocoError, match="no quantization_config"):
-        soco_llm.load(folder)
-    with pytest.raises(SocoError, match="no quantization_config"):
-        check_folder(folder)
-    # Plain transformers (soco_llm imported, but its hook not named in config.json) hits the load guard.
-    with pytest.raises(ValueError, match="lost its quantization_config"):
+def test_format_3_leaves_quantization_config_free_and_guards_from_pretrained(folder):
+    """transformers' one quantization_config slot is free (torchao and others use it); plain from_pretrained,
+    soco_llm imported or not, hits the load guard, which names the fix."""
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"soco_llm\.load\(folder\)"):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
 def test_missing_factor_is_refused(folder):
-    _edit_weights(folder, lambda t: t.pop(f"{LAYER}.B"))
+    _edit_weights(folder, lambda t: t.pop(f"{LAYER}.B.weight"))
     _refused(folder, "missing")
 
 
@@ -202,11 +200,12 @@ def test_unexpected_tensor_is_refused(folder, key, shape):
 
 
 def test_factor_of_the_wrong_width_is_refused(folder):
-    """A's input width is not in config.json, so only the check against the rebuilt model sees it."""
-    _edit_weights(folder, lambda t: t.__setitem__(f"{LAYER}.A", torch.zeros(t[f"{LAYER}.A"].shape[0], 65)))
-    check_folder(folder)
-    with pytest.raises(SocoError, match=rf"{LAYER}\.A has shape \[\d+, 65\]"):
-        soco_llm.load(folder)
+    """A's input width is not in config.json: the check against the model rebuilt on meta sees it."""
+    _edit_weights(folder, lambda t: t.__setitem__(f"{LAYER}.A.weight",
+                                                  torch.zeros(t[f"{LAYER}.A.weight"].shape[0], 65)))
+    for attempt in (lambda: check_folder(folder), lambda: soco_llm.load(folder)):
+        with pytest.raises(SocoError, match=rf"{LAYER}\.A\.weight has shape \[\d+, 65\]"):
+            attempt()
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "model.__class__", "model..layers", ""])
@@ -222,15 +221,18 @@ def test_truncated_weights_fail_check_folder(folder):
         check_folder(folder)
 
 
-def test_folder_of_format_1_still_loads(compressed, folder):
-    """Format 1 (written before the load guard): no transformers_weights, version 1 in both places."""
-    def to_v1(c):
-        c.pop("transformers_weights")
-        c["compression"]["format_version"] = c["quantization_config"]["format_version"] = 1
-    _edit_config(folder, to_v1)
+@pytest.mark.parametrize("version", [1, 2])
+def test_folder_of_format_1_or_2_still_loads(compressed, folder, version):
+    """Formats 1 and 2 as the old code wrote them (bare `x.A` / `x.B` factors, the soco_lowrank
+    quantization_config; format 1 without the load guard) load exactly with soco_llm.load, and
+    from_pretrained names the fix."""
+    from test_format3 import as_old_format
+    as_old_format(folder, version)
     x = random_windows()
     assert torch.equal(soco_llm.load(folder)(input_ids=x).logits, compressed[1])
-    assert torch.equal(AutoModelForCausalLM.from_pretrained(folder)(input_ids=x).logits, compressed[1])
+    assert check_folder(folder)["format_version"] == version
+    with pytest.raises(SocoError, match=r"format .*soco_llm\.load\(folder\)"):
+        AutoModelForCausalLM.from_pretrained(folder)
 
 
 # --- 3. plain transformers without soco_llm fails, naming the fix ------------------------------------------
@@ -242,7 +244,7 @@ def test_plain_transformers_without_soco_llm_fails_naming_the_fix(compressed):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode != 0
-    assert "import soco_llm" in r.stderr and LOAD_GUARD in r.stderr
+    assert "soco_llm.load(folder)" in r.stderr and LOAD_GUARD in r.stderr
 
 
 # --- 4. race-free folder writes, stale leftovers -----------------------------------------------------------

@@ -28,9 +28,9 @@ def test_save_load_identical_logits(arch, tmp_path):
     assert not any(n.endswith(r["name"] + ".weight") for n, _ in loaded.named_parameters() for r in report.layers
                    if r["rank"] > 0)
 
-    # Plain transformers loads it too, once soco_llm is imported.
-    plain = AutoModelForCausalLM.from_pretrained(out)
-    assert torch.equal(plain(input_ids=x).logits, ref)
+    # Plain from_pretrained, even after `import soco_llm`, refuses (naming the fix) rather than load random factors.
+    with pytest.raises(ValueError, match=r"soco_llm\.load\(folder\)"):
+        AutoModelForCausalLM.from_pretrained(out)
 
     cfg = json.loads((out / "config.json").read_text())["compression"]
     assert cfg["format_version"] == FORMAT_VERSION and cfg["method"] == "svd-llm"

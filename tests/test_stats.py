@@ -38,9 +38,9 @@ def test_sequential_mode_changes_later_statistics():
     r1 = soco_llm.compress(plain, soco_llm.SVDLLMConfig(ratio=0.6), x)
     r2 = soco_llm.compress(seq, soco_llm.SVDLLMConfig(ratio=0.6, sequential=True), x)
     assert r1.ranks == r2.ranks
-    a = plain.model.layers[0].self_attn.q_proj.A
-    assert torch.equal(a, seq.model.layers[0].self_attn.q_proj.A)  # block 0 sees the same inputs
-    assert not torch.equal(plain.model.layers[1].self_attn.q_proj.A, seq.model.layers[1].self_attn.q_proj.A)
+    a = plain.model.layers[0].self_attn.q_proj.A.weight
+    assert torch.equal(a, seq.model.layers[0].self_attn.q_proj.A.weight)  # block 0 sees the same inputs
+    assert not torch.equal(plain.model.layers[1].self_attn.q_proj.A.weight, seq.model.layers[1].self_attn.q_proj.A.weight)
 
 
 def test_nan_activations_fail_clearly():

@@ -76,7 +76,7 @@ def decoder_linear_params(model, inventory: dict[str, tuple[int, int, bool]]) ->
         module = model.get_submodule(name)
         old += m * n
         if isinstance(module, LowRankLinear):
-            new += module.A.numel() + module.B.numel()
+            new += module.A.weight.numel() + module.B.weight.numel()
             if module.bias is not None and not had_bias:
                 new += module.bias.numel()
         else:
@@ -97,7 +97,7 @@ def decoder_linear_bytes(weights: Path, names: list[str]) -> int:
                 numel = 1
                 for d in sl.get_shape():
                     numel *= d
-                total += numel * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(sl.get_dtype(), 4)
+                total += numel * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1, "I32": 4, "I64": 8}[sl.get_dtype()]
     return total
 
 

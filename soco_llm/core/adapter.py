@@ -15,10 +15,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import SocoError
+from .layer import LowRankLinear
 
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+def factor_names(model: nn.Module) -> set[str]:
+    """Names of the `nn.Linear` factors inside compressed layers (`x.A`, `x.B`): linears, but not layers of
+    the model's architecture, so never targets of a method or of a dense merge."""
+    return {f"{name}.{f}" for name, m in model.named_modules() if isinstance(m, LowRankLinear) for f in ("A", "B")}
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -75,10 +82,11 @@ def find_targets(
 ) -> list[Target]:
     """Linear layers inside the decoder blocks, selected like peft's target/exclude_modules."""
     prefix, blocks = decoder_blocks(model)
+    factors = factor_names(blocks)
     targets = []
     for i, block in enumerate(blocks):
         for sub, module in block.named_modules():
-            if not is_linear(module):
+            if not is_linear(module) or f"{i}.{sub}" in factors:
                 continue
             name = f"{prefix}.{i}.{sub}"
             if target_modules and not _matches(name, target_modules):
@@ -94,6 +102,19 @@ def find_targets(
             + "; check the module names with `print(model)`"
         )
     return targets
+
+
+def saved_linear(model: nn.Module, name: str, kind: str, where: str) -> nn.Module:
+    """The linear layer `name` of `model`, where a saved folder's config.json names a `kind` (compressed,
+    quantized) layer; a name that is not a linear layer of the model means the folder is corrupt."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not is_linear(module):
+        raise SocoError(f"{where}: {kind} layer {name!r} is not a linear layer of {type(model).__name__}; "
+                        "the folder is corrupt, re-create it")
+    return module
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

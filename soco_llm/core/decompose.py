@@ -21,6 +21,13 @@ from ..errors import SocoError
 log = logging.getLogger(__name__)
 
 
+# How `Decomposition.factors` splits each component between A and B (see there). "balanced" follows issue 24's
+# probe (SVD-LLM 0.4, 10 healing steps: 98.3 against 134.0 with "sqrt"); benchmarks/factor_split.py re-measures
+# it. The two agree in the plain basis.
+FACTOR_SPLITS = ("balanced", "sqrt")
+FACTOR_SPLIT = "balanced"
+
+
 @dataclass
 class Decomposition:
     """A weight in a basis: W = left · diag(sigma) · right, components sorted by sigma."""
@@ -29,12 +36,29 @@ class Decomposition:
     sigma: torch.Tensor  # k
     right: torch.Tensor  # k×n
 
-    def factors(self, rank: int, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A, B keeping the first `rank` components; √(σ·s) is folded into both factors."""
+    def factors(self, rank: int, scores: torch.Tensor | None = None,
+                split: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A, B keeping the first `rank` components, with σ·s folded in; B·A is the same for every `split`.
+
+        "balanced" (default): each component's row of A and column of B get equal norms, √(|σs|·‖left‖·‖right‖)
+        each. "sqrt": √|σs| on each side, as before issue 24; in a whitened basis `right` carries L⁻¹, so B's
+        entries end up orders of magnitude above A's, which slows healing's shared learning rate and wastes
+        per-channel quantization scales. In the plain basis (unit columns and rows) the two are the same."""
         s = self.sigma[:rank] if scores is None else self.sigma[:rank] * scores[:rank]
-        root = s.abs().sqrt()
+        right, left = self.right[:rank], self.left[:, :rank]
         sign = torch.sign(s) + (s == 0).to(s.dtype)
-        return root[:, None] * self.right[:rank], self.left[:, :rank] * (root * sign)[None, :]
+        split = split or FACTOR_SPLIT
+        if split == "sqrt":
+            root = s.abs().sqrt()
+            return root[:, None] * right, left * (root * sign)[None, :]
+        if split != "balanced":
+            raise ValueError(f"unknown factor split {split!r} (known: {', '.join(FACTOR_SPLITS)})")
+        r_norm, l_norm = right.norm(dim=1), left.norm(dim=0)
+        ok = (r_norm > 0) & (l_norm > 0)
+        # A row scale c with c·‖right‖ = |s|·‖left‖ / c; a zero-norm component keeps √|s| (it contributes 0 anyway)
+        c = torch.where(ok, (s.abs() * l_norm / torch.where(ok, r_norm, 1)).sqrt(), s.abs().sqrt())
+        b = torch.where(c > 0, s.abs() / torch.where(c > 0, c, 1), torch.zeros_like(c))
+        return c[:, None] * right, left * (b * sign)[None, :]
 
 
 def _svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

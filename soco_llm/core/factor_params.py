@@ -24,7 +24,13 @@ from torch.nn.utils import parametrize
 from .layer import LowRankLinear
 
 FACTORS = ("A", "B")
-TENSORS = (*FACTORS, "bias")  # what factor healing trains
+TENSORS = (*FACTORS, "bias")  # what factor healing trains, by the name it has in checkpoints
+
+
+def _owner(layer: LowRankLinear, tensor: str) -> tuple[nn.Module, str]:
+    """(module, attribute) holding `tensor` of `layer`: A and B are the factors' `nn.Linear` weights, the
+    bias is B's."""
+    return (layer.B, "bias") if tensor == "bias" else (getattr(layer, tensor), "weight")
 
 
 class FactorUpdate(nn.Module):
@@ -60,17 +66,19 @@ class FactorMaster(nn.Module):
 
 
 def attach_factor_masters(layers: dict[str, LowRankLinear]) -> dict[str, nn.Parameter]:
-    """The float32 tensors factor healing trains, by name (`layer.A`, `layer.B`, `layer.bias`): a float32
+    """The float32 tensors factor healing trains, by name (`layer.A`, `layer.B`, `layer.bias`:
+    the factors' weights and B's bias): a float32
     factor itself, a float32 master copy (a parametrization) of a factor in another dtype."""
     params: dict[str, nn.Parameter] = {}
     for name, layer in layers.items():
         for t in TENSORS:
-            p = getattr(layer, t)
+            owner, attr = _owner(layer, t)
+            p = getattr(owner, attr)
             if p is None:
                 continue
             if p.dtype != torch.float32:
                 master = FactorMaster(p)
-                parametrize.register_parametrization(layer, t, master)
+                parametrize.register_parametrization(owner, attr, master)
                 p = master.master
             params[f"{name}.{t}"] = p
     return params
@@ -84,8 +92,9 @@ def attach_factor_adapters(layers: dict[str, LowRankLinear], rank: int, seed: in
     params: dict[str, nn.Parameter] = {}
     for name, layer in layers.items():
         for f in FACTORS:
-            update = FactorUpdate(getattr(layer, f).detach(), rank, gen)
-            parametrize.register_parametrization(layer, f, update)
+            owner, attr = _owner(layer, f)
+            update = FactorUpdate(getattr(owner, attr).detach(), rank, gen)
+            parametrize.register_parametrization(owner, attr, update)
             params[f"{name}.{f}.up"], params[f"{name}.{f}.down"] = update.up, update.down
     return params
 
@@ -96,5 +105,6 @@ def merge_factor_parametrizations(layers: dict[str, LowRankLinear]) -> None:
     factor's dtype) and remove it: plain LowRankLinear layers again."""
     for layer in layers.values():
         for t in TENSORS:
-            if parametrize.is_parametrized(layer, t):
-                parametrize.remove_parametrizations(layer, t, leave_parametrized=True)
+            owner, attr = _owner(layer, t)
+            if parametrize.is_parametrized(owner, attr):
+                parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)

@@ -18,15 +18,13 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..core.adapter import is_linear, replace_module
+from ..core.adapter import factor_names, is_linear, replace_module
 from ..core.layer import LowRankLinear
 from ..errors import SocoError
-from .format import WEIGHTS, check_against_model, read_shapes
+from .format import FORMAT_KEYS, WEIGHTS, check_against_model, read_shapes
 
 log = logging.getLogger(__name__)
 
-# Config entries that describe the compressed format; an ordinary dense folder carries none of them.
-FORMAT_KEYS = ("compression", "quantization_config", "transformers_weights")
 
 
 def _meta_shapes(cls: type, config) -> dict[str, tuple[int, ...]]:
@@ -81,7 +79,8 @@ def merge_to_dense(model: nn.Module) -> nn.Module:
     bias switches so the architecture builds every bias the merged layers hold (others get zero biases).
     SocoError, with the model unchanged, if some nonzero bias has no switch."""
     dense = {name: m.to_dense() for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    merged = {name: dense.get(name, m) for name, m in model.named_modules()}
+    factors = factor_names(model)
+    merged = {name: dense.get(name, m) for name, m in model.named_modules() if name not in factors}
     linears = {name for name, m in merged.items() if is_linear(m)}
     biases = {name: merged[name].bias for name in linears if merged[name].bias is not None}
     switches, drop, built = _bias_switches(model, biases, linears)

@@ -1,14 +1,17 @@
-"""The saved format of a compressed folder: its version, its `compression` section in config.json,
-the load guard, and the checks that a folder (or a set of weights beside a model) is complete and exact.
+"""The saved format of a compressed (or quantized) folder: its version, its `compression` section in
+config.json, the load guard, and the checks that a folder (or a set of weights beside a model) is complete
+and exact.
 
-A compressed folder is an ordinary HF folder whose config.json carries
-  "compression": {format_version, method, ratio_definition, ranks, biased, config, ...}
-  "quantization_config": {"quant_method": "soco_lowrank", "format_version": N}
-  "transformers_weights": LOAD_GUARD                                   (format 2 on)
-The second key lets plain `AutoModelForCausalLM.from_pretrained` rebuild it after `import soco_llm`; the
-third makes it fail, naming the fix, where soco_llm's quantizer is not there to replace the guard by the
-real weights file (soco_llm not imported, or quantization_config removed). Format 1 is format 2 without
-the guard; it is still read.
+A format-3 folder is an HF folder (safetensors + config.json) whose config.json carries
+  "compression": {format_version, method, ratio_definition, ranks, biased, config,
+                  quantization: null | {scheme, group_size, layers}, ...}
+  "transformers_weights": LOAD_GUARD
+Loading rebuilds the structure by explicit surgery (`rebuild.py`): `soco_llm.load`. The guard makes plain
+`AutoModelForCausalLM.from_pretrained` fail, naming the fix, with or without `import soco_llm`, instead of
+loading random weights. transformers' single `quantization_config` slot is left free.
+
+Formats 1 and 2 (still read) stored the factors as bare parameters `x.A` / `x.B` and used
+"quantization_config": {"quant_method": "soco_lowrank"} as transformers' loading hook; format 1 had no guard.
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ from torch import nn
 from ..version import __version__
 from ..core.layer import LowRankLinear
 from ..errors import SocoError
+from ..quantize import quantization_section
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-QUANT_METHOD = "soco_lowrank"
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+QUANT_METHOD = "soco_lowrank"  # formats 1 and 2's transformers hook (io/hf_quantizer.py)
+# Config entries that describe the format; an ordinary dense folder carries none of them.
+FORMAT_KEYS = ("compression", "quantization_config", "transformers_weights")
 WEIGHTS = "model.safetensors"
 # transformers refuses a `transformers_weights` that is not a *.safetensors name and prints it, so this
 # sentence is what a user sees when the folder is loaded without soco-llm's hook (see the module docstring).
-LOAD_GUARD = ("soco-llm compressed model: run `import soco_llm` (pip install soco-llm) before from_pretrained, "
-              "or use soco_llm.load(folder); if soco_llm was imported, config.json lost its quantization_config "
-              "and the folder is damaged")
+LOAD_GUARD = ("soco-llm compressed model: load it with `import soco_llm; soco_llm.load(folder)` (pip install "
+              "soco-llm), or write a plain dense folder with `soco export-dense`; from_pretrained cannot rebuild "
+              "its factored layers")
 # A dotted module path of identifiers and indices, never a dunder segment: a name from config.json is
 # handed to get_submodule, so `..`, `__class__` or a path cannot reach anything outside the module tree.
 _NAME = re.compile(r"(?!__)[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
@@ -51,6 +57,7 @@ def compression_section(model: nn.Module, report) -> dict:
         "ranks": report.ranks,
         "biased": biased,
         "config": report.config,
+        "quantization": quantization_section(model),
     }
 
 
@@ -130,50 +137,21 @@ def check_weights(folder: Path) -> None:
     read_shapes(files)
 
 
-def _check_factors(comp: dict, shapes: dict, where: str) -> None:
-    """The weights hold exactly the tensors the ranks say: A (r, in), B (out, r), a bias (out,) where biased."""
-    ranks, biased = comp["ranks"], set(comp.get("biased", []))
-    for name, r in ranks.items():
-        if r == 0:
-            if f"{name}.weight" not in shapes:
-                raise SocoError(f"{where}: the dense weight of {name} (rank 0) is missing from {WEIGHTS}; "
-                                "the folder is incomplete, re-create it")
-            continue
-        A, B, bias = shapes.get(f"{name}.A"), shapes.get(f"{name}.B"), shapes.get(f"{name}.bias")
-        if A is None or B is None or (name in biased and bias is None):
-            raise SocoError(f"{where}: factors of {name} are missing from {WEIGHTS}; the folder is incomplete, "
-                            "re-create it")
-        if len(A) != 2 or len(B) != 2 or A[0] != r or B[1] != r:
-            raise SocoError(f"{where}: factors of {name} have shapes {list(A)} and {list(B)}, not rank {r} as "
-                            "config.json says; the folder is corrupt, re-create it")
-        if name in biased and bias != (B[0],):
-            raise SocoError(f"{where}: the bias of {name} has shape {list(bias)}, not [{B[0]}]; re-create the folder")
-        if f"{name}.weight" in shapes or (bias is not None and name not in biased):
-            raise SocoError(f"{where}: {WEIGHTS} holds tensors of {name} that config.json does not list "
-                            "(a dense weight or an unlisted bias); the folder is corrupt, re-create it")
-    stray = [k for k in shapes if k.endswith((".A", ".B")) and ranks.get(k.rsplit(".", 1)[0], 0) == 0]
-    if stray:
-        raise SocoError(f"{where}: {WEIGHTS} holds factor {stray[0]}, which config.json's ranks do not list; "
-                        "the folder is corrupt, re-create it")
-
-
 def check_folder(folder: str | os.PathLike) -> dict:
-    """Validate a compressed folder without building the model, for `soco info` and `soco_llm.load`:
-    config.json (the compression section, quantization_config), every safetensors header, and the
-    factors' shapes against the ranks. Returns the compression section; raises SocoError (one line)."""
+    """Validate a saved folder without loading its weights, for `soco info` and `soco_llm.load`:
+    config.json (the compression section), every safetensors header, and every tensor against the model
+    rebuilt on the meta device (none missing, none unexpected, every shape equal). Returns the compression
+    section; raises SocoError (one line)."""
+    from .rebuild import check_tensors  # rebuild builds on this module
+
     folder = Path(folder)
     where = repr(str(folder))
     cfg = _read_config(folder)
     comp = check_compression(cfg.get("compression"), where)
-    quant = cfg.get("quantization_config")
-    if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
-        raise SocoError(f"{where}: config.json has a compression section but no quantization_config "
-                        f"{{\"quant_method\": \"{QUANT_METHOD}\"}}, without which every compressed layer would "
-                        "load random; the folder is damaged, re-create it")
     check_weights(folder)
     if not (folder / WEIGHTS).is_file():
         raise SocoError(f"{where} has no {WEIGHTS}; the folder is incomplete, re-create it")
-    _check_factors(comp, read_shapes([folder / WEIGHTS]), where)
+    check_tensors(folder, comp, read_shapes([folder / WEIGHTS]), where)
     return comp
 
 

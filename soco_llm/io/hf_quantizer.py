@@ -1,11 +1,7 @@
-"""Registers the compressed format with transformers, so that after `import soco_llm`
-`AutoModelForCausalLM.from_pretrained(folder)` rebuilds LowRankLinear layers on the meta
-device before the weights load: dense weights are never materialised.
-
-It also makes that load exact or an error: the compression section is checked before the model is
-built, the weights file is checked against the rebuilt model before any tensor loads (transformers
-itself would only print a report and initialise missing tensors at random), and the format's load
-guard (`format.LOAD_GUARD`) is swapped for the real weights file.
+"""transformers' hook for folders of formats 1 and 2, which named `"quant_method": "soco_lowrank"` in
+config.json's quantization_config: after `import soco_llm`, `AutoModelForCausalLM.from_pretrained` on such a
+folder fails naming the fix (`soco_llm.load`, which reads them exactly) instead of "unknown quantization
+method" or a model with random factors. Format 3 folders leave quantization_config free (see format.py).
 """
 
 from __future__ import annotations
@@ -14,15 +10,12 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..core.adapter import is_linear, linear_shape, replace_module
-from ..core.layer import LowRankLinear
 from ..errors import SocoError
-from .format import FORMAT_VERSION, LOAD_GUARD, QUANT_METHOD, WEIGHTS, check_against_model, check_compression, \
-    read_shapes
+from .format import QUANT_METHOD
 
 
 class SocoLowRankConfig(QuantizationConfigMixin):
-    def __init__(self, format_version: int = FORMAT_VERSION, **kwargs):
+    def __init__(self, format_version: int = 2, **kwargs):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
 
@@ -30,52 +23,27 @@ class SocoLowRankConfig(QuantizationConfigMixin):
         return {"quant_method": QUANT_METHOD, "format_version": self.format_version}
 
 
-def _where(model_or_config) -> str:
-    config = getattr(model_or_config, "config", model_or_config)
-    return repr(str(getattr(config, "name_or_path", "") or "the compressed model"))
-
-
 class SocoLowRankQuantizer(HfQuantizer):
     requires_calibration = False
 
     def update_attn_implementation(self, config):
-        # The one hook that sees the whole config before the weights file is resolved and the model is built:
-        # refuse a bad compression section here, and replace the load guard by the real weights file.
-        check_compression(getattr(config, "compression", None), _where(config))
-        if getattr(config, "transformers_weights", None) == LOAD_GUARD:
-            config.transformers_weights = WEIGHTS
-        return super().update_attn_implementation(config)
+        # The first hook that sees the config, before any weight is read.
+        where = repr(str(getattr(config, "name_or_path", "") or "the compressed model"))
+        raise SocoError(f"{where} is a soco-llm compressed folder of format {self.quantization_config.format_version}: "
+                        "load it with soco_llm.load(folder) (from_pretrained cannot rebuild its factored layers)")
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        comp = check_compression(getattr(model.config, "compression", None), _where(model))
-        biased = set(comp.get("biased", []))
-        for name, rank in comp["ranks"].items():
-            if rank == 0:
-                continue  # left dense
-            try:
-                old = model.get_submodule(name)
-            except AttributeError:
-                old = None
-            if not is_linear(old):
-                raise SocoError(f"{_where(model)}: compressed layer {name!r} is not a linear layer of "
-                                f"{type(model).__name__}; the folder is corrupt, re-create it")
-            m, n = linear_shape(old)
-            layer = LowRankLinear(n, m, rank, bias=name in biased, dtype=old.weight.dtype, device=old.weight.device,
-                                  dense_cls=type(old))
-            replace_module(model, name, layer)
-        if checkpoint_files:
-            check_against_model(model, read_shapes(checkpoint_files), _where(model))
+    def _process_model_before_weight_loading(self, model, **kwargs):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         return model
 
     def is_serializable(self):
-        return True
+        return False
 
     @property
     def is_trainable(self):
-        return True
+        return False
 
 
 if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:

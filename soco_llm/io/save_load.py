@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ..errors import SocoError
 from ..runtime import dtype_name, parse_dtype
-from . import hf_quantizer  # noqa: F401  registers the format, so from_pretrained below can rebuild it
+from . import hf_quantizer  # noqa: F401  formats 1-2's quantization_config: from_pretrained names the fix
 from .atomic import atomic_dir, atomic_write_json
-from .dense import FORMAT_KEYS, check_dense_folder, merge_to_dense
-from .format import FORMAT_VERSION, LOAD_GUARD, QUANT_METHOD, WEIGHTS, check_folder, compression_section
+from .dense import check_dense_folder, merge_to_dense
+from .format import FORMAT_KEYS, LOAD_GUARD, WEIGHTS, check_folder, compression_section, read_compression
+from .rebuild import load_weights, rebuild
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ def save_compressed(model: nn.Module, tokenizer, out: str | os.PathLike, report,
     """Write a compressed model folder; `report.tensors` ({filename: tensors}) are saved beside it."""
     config = _config_dict(model)
     config["compression"] = compression_section(model, report)
-    config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
     config["transformers_weights"] = LOAD_GUARD  # see format.py: plain transformers fails, naming the fix
     with atomic_dir(out, overwrite) as tmp:
         _write_model(tmp, model, tokenizer, config)
@@ -88,20 +88,24 @@ def save_dense(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: b
 
 
 def load(folder: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str = "cpu") -> nn.Module:
-    """Rebuild a compressed model from its folder, without materialising dense weights; the folder is
-    checked first (`format.check_folder`) and every tensor must fit the rebuilt model (`hf_quantizer`)."""
-    check_folder(folder)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=parse_dtype(dtype) or "auto")
-    except SocoError:
-        raise
-    except Exception as e:
-        raise SocoError(f"could not load {str(folder)!r}: {str(e).strip().splitlines()[0]}") from e
+    """Rebuild a saved soco-llm model (compressed and/or quantized, any readable format) from its folder by
+    explicit surgery (`rebuild.py`), without materialising dense weights: the folder is checked first
+    (`format.check_folder`) and every tensor must fit the rebuilt model."""
+    folder = Path(folder)
+    comp = check_folder(folder)
+    where = repr(str(folder))
+    model = load_weights(rebuild(folder, comp, where), folder, comp, where)
+    dtype = parse_dtype(dtype)
+    if dtype is not None:
+        model = model.to(dtype)  # integer (quantized) tensors keep their type
     return model.to(device).eval()
 
 
 def export_dense(folder: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write an ordinary dense HF folder from a compressed one, for any serving engine."""
+    if read_compression(folder).get("quantization"):
+        raise SocoError(f"{str(folder)!r} is quantized; export-dense writes float weights, so export the "
+                        "compressed folder from before quantization (or load this one with soco_llm.load)")
     model = load(folder)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
