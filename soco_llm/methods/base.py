@@ -5,8 +5,9 @@
 their `method` name. Adding a method is one config class and one handler, registered once.
 A config declares what calibration it `needs`, its calibration sizes (`calibration`), named
 `presets` of its own fields and the fields the CLI offers as options (`cli_options`), its recipe's
-healing (`heal_defaults`) and the teacher its run caches (`teacher_windows`). Learned methods
-subclass `learned.config.LearnedConfig`, which adds the run folder and the re-cut.
+healing (`heal_defaults`), the teacher its run caches (`teacher_windows`) and whether it runs block
+by block from disk (`block_sequential_refusal`). Learned methods subclass
+`learned.config.LearnedConfig`, which adds the run folder and the re-cut.
 """
 
 from __future__ import annotations

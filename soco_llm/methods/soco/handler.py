@@ -31,7 +31,9 @@ def compress_soco(model: nn.Module, cfg: SoCoConfig, targets: list[Target], wind
     phases = Phases(next(model.parameters()).device)
     teacher = None
     # Ctrl-C before training (teacher, basis) or between blocks: say what the folder holds, so --resume is a choice.
-    kept = (lambda: None) if run_dir is None else (lambda: f"run folder {run_dir} keeps {run_state.describe(run_dir, cfg.steps)}")
+    def kept() -> str | None:
+        return None if run_dir is None else f"run folder {run_dir} keeps {run_state.describe(run_dir, cfg.steps)}"
+
     with on_interrupt(kept):
         if cfg.blockwise:
             with phases("blocks", "lower --batch-size or --seq-len"):
