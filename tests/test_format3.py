@@ -261,3 +261,14 @@ def test_balanced_split_keeps_the_product_and_equalises_each_component():
     p = plain_basis(W, "p")  # unit rows and columns: the two splits agree
     for x, y in zip(p.factors(5), p.factors(5, split="sqrt")):
         torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [15, 24, 64])
+def test_int8_takes_any_input_width(dtype, width):
+    """A factor B's input width is its rank, any number: padded to 16 columns (the bf16 kernel's need)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(width, 32).to(dtype)
+    q = QuantizedLinear.from_linear(lin, "int8")
+    x = torch.randn(2048, width, dtype=dtype)
+    torch.testing.assert_close(q(x).float(), F.linear(x, q.dequantize(), lin.bias).float(), atol=0.05, rtol=0.02)

@@ -2,8 +2,9 @@
 PyTorch's own kernels, chosen by the device the layer is on.
 
 Saved (the state dict, device-neutral safetensors):
-  int8  `qweight` int8 (out, in) and `scale` (out,): w = qweight · scale, symmetric per output channel
-        (torchao's int8 weight-only scheme);
+  int8  `qweight` int8 (out, in_padded) and `scale` (out,): w = qweight · scale, symmetric per output
+        channel (torchao's int8 weight-only scheme); the input width is padded with zero columns to a
+        multiple of 16 (`torch._weight_int8pack_mm` in bf16 crashes on other widths: a factor's rank);
   int4  `qweight` uint8 (out, in_padded/2), two 4-bit values a byte (even column in the high nibble, as
         PyTorch's CUDA int4 packing takes it), and `scales_and_zeros` (in_padded/group, out, 2):
         w = (q − 8) · scale + zero per group of `group_size` input columns (torchao's / tinygemm's
@@ -31,6 +32,7 @@ from torch import nn
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels take
 OUT_MULTIPLE = 16  # the CPU int4 packing takes an output width that is a multiple of this
+INT8_IN_MULTIPLE = 16  # the CPU int8 kernel reads bf16 inputs in blocks of this many columns
 
 
 def padded(width: int, group_size: int) -> int:
@@ -55,7 +57,8 @@ class QuantizedLinear(nn.Module):
         self.group_size = group_size if scheme == "int4" else None
         dtype = dtype or torch.get_default_dtype()
         if scheme == "int8":
-            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            k = padded(in_features, INT8_IN_MULTIPLE)
+            self.register_buffer("qweight", torch.empty(out_features, k, dtype=torch.int8, device=device))
             self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
         else:
             k = padded(in_features, group_size)
@@ -78,7 +81,7 @@ class QuantizedLinear(nn.Module):
         utils = _torchao_utils()
         if scheme == "int8":
             q, scale, _ = utils.dynamically_quantize_per_channel(w.float(), -128, 127, torch.int8)
-            layer.qweight.copy_(q)
+            layer.qweight.copy_(F.pad(q, (0, layer.qweight.shape[1] - in_f)))
             layer.scale.copy_(scale.to(w.dtype))
         else:
             k = padded(in_f, group_size)
@@ -100,7 +103,7 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The (out, in) weight the integers stand for, in the scales' dtype."""
         if self.scheme == "int8":
-            return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+            return self.qweight[:, : self.in_features].to(self.scale.dtype) * self.scale[:, None]
         scales, zeros = self.scales_and_zeros.float().unbind(-1)  # (groups, out) each
         g = self.group_size
         w = (self._int4_values().float() - 8) * scales.T.repeat_interleave(g, 1) + zeros.T.repeat_interleave(g, 1)
@@ -121,6 +124,9 @@ class QuantizedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.scheme == "int8":
+            k = self.qweight.shape[1]
+            if k != self.in_features:
+                x2 = F.pad(x2, (0, k - self.in_features))
             if x.device.type == "cpu":
                 y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))
             else:
