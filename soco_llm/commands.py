@@ -16,16 +16,16 @@ import json
 from pathlib import Path
 
 from .compress import check_target, compress, compressed_bytes
-from .data import BUNDLED_SOURCES, HF_DATASETS, calibration_windows, check_source
+from .command_checks import check_out, fit_eval_window, read_paths
+from .data import calibration_windows, check_source
 from .errors import SocoError
 from .eval.generate import generate
-from .eval.perplexity import EVAL_SEQ_LEN
 from .command_stages import (check_eval_data, eval_record, evaluate, heal_config, measure_before_heal,
                              run_teacher)
 from .heal import HealConfig, heal_report
 from .eval.zeroshot import check_options, evaluate_tasks, format_results, task_manager
 from .info import print_info
-from .io import atomic, check_folder, export_dense, save_compressed
+from .io import atomic, check_folder, disk, export_dense, save_compressed
 from .learned.recut import export_from_run, run_config
 from .methods import METHODS, config_for
 from .core.streamed import open_streamed_with_tokenizer
@@ -87,49 +87,6 @@ def method_kwargs(args) -> tuple[dict, str | None]:
     return kwargs, preset
 
 
-def _read_paths(args) -> list[str]:
-    """The files and folders a command reads, beside its model: text files of --calib and --eval-data."""
-    sources = [getattr(args, "calib", None), *(getattr(args, "eval_data", None) or [])]
-    return [s for s in sources if s and s not in BUNDLED_SOURCES + HF_DATASETS]
-
-
-def check_out(out: str, overwrite: bool, *inputs) -> None:
-    """The output folder can be written as asked, checked before any work: not a file or a dangling link, not an
-    input and holding none (--overwrite would delete it), writable where it is to be made, and with --overwrite
-    only a model folder (or an empty one) is replaced, never a folder of other files."""
-    path = Path(out)
-    if not out.strip():
-        raise SocoError("--out is empty; give the output folder's path")
-    if path.is_symlink() and not path.exists():
-        raise SocoError(f"--out {out!r} is a symbolic link to nothing; remove the link or choose another --out")
-    if path.exists() and not path.is_dir():
-        raise SocoError(f"--out {out!r} is a file; give a folder path")
-    for given in inputs:
-        if given is None or not Path(given).exists():
-            continue
-        source = Path(given).resolve()
-        if source == path.resolve():
-            raise SocoError(f"--out {out!r} is also an input of this command; write to another folder")
-        if source.is_relative_to(path.resolve()):
-            raise SocoError(f"--out {out!r} holds {given!r}, an input of this command, which writing there would "
-                            "delete; write to another folder")
-    ancestor = atomic.nearest_folder(path)
-    if not ancestor.is_dir():
-        raise SocoError(f"--out {out!r} cannot be made: {str(ancestor)!r} is a file")
-    if path.exists() and not overwrite:
-        raise SocoError(f"output folder {out!r} already exists; pass --overwrite to replace it")
-    if path.exists() and any(path.iterdir()) and not (path / "config.json").is_file():
-        raise SocoError(f"--overwrite replaces model folders only, and {out!r} holds no config.json; "
-                        "delete it yourself or choose another --out")
-    atomic.check_writable(path, "--out")
-
-
-def fit_eval_window(model, args) -> None:
-    """--eval-seq-len as the model can read it: by default 512 tokens, or fewer for a model that reads fewer."""
-    given = args.eval_seq_len is not None
-    args.eval_seq_len = fit_window(model, args.eval_seq_len if given else EVAL_SEQ_LEN, "--eval-seq-len", given)
-
-
 def cmd_compress(args) -> None:
     """Every input is checked first (options, config, run folder, text files, output folder); only then is the
     model loaded."""
@@ -145,7 +102,7 @@ def cmd_compress(args) -> None:
     if baseline is not None and not args.eval:
         raise SocoError("--baseline compares perplexities; drop --no-eval")
     check_eval_data(args)
-    check_out(args.out, args.overwrite, args.model, getattr(config, "run_dir", None), *_read_paths(args))
+    check_out(args.out, args.overwrite, args.model, getattr(config, "run_dir", None), *read_paths(args))
     heal_cfg = heal_config(args, args.seed, config.heal_defaults())
     streamed = check_block_sequential(args, config, baseline, heal_cfg)
     init_distributed(device)  # under torchrun / accelerate launch; a no-op otherwise
@@ -159,7 +116,7 @@ def cmd_compress(args) -> None:
     if args.eval:
         fit_eval_window(model, args)
     if main_process:
-        atomic.check_free_space(args.out, compressed_bytes(model, targets, config.ratio), "--out")
+        disk.check_free_space(args.out, compressed_bytes(model, targets, config.ratio), "--out")
     dense = evaluate(model, tok, args, "dense", keep=True) if args.eval and main_process and not streamed else None
     rows = [("dense", dense)] if dense is not None else []
     if baseline is not None and main_process:
@@ -233,7 +190,7 @@ def cmd_export(args) -> None:
     cfg, _ = run_config(args.run)  # run.json readable and valid, before the model is loaded
     check_run_ranks(args, cfg)
     check_eval_data(args)
-    check_out(args.out, args.overwrite, args.run, *_read_paths(args))
+    check_out(args.out, args.overwrite, args.run, *read_paths(args))
     heal_cfg = heal_config(args, cfg.seed, cfg.heal_defaults())  # the method's own healing, as `compress` gives it
     if heal_cfg.steps:
         teacher = run_teacher(Path(args.run))

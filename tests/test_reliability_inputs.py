@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -230,16 +231,16 @@ def test_a_read_only_output_folder_is_refused_before_the_model_loads(capsys, mon
                                                                        tmp_path):
     import soco_llm.commands
 
-    real = Path.write_bytes
+    real = tempfile.NamedTemporaryFile
     parent = tmp_path / "readonly"
     parent.mkdir()
 
-    def read_only(self, data):
-        if self.parent == parent:
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
-        return real(self, data)
+    def read_only(*a, dir=None, **k):  # what a read-only mount answers, which root's permissions cannot show
+        if Path(dir) == parent:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return real(*a, dir=dir, **k)
 
-    monkeypatch.setattr(Path, "write_bytes", read_only)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
     monkeypatch.setattr(soco_llm.commands, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
     code, _, err = run(capsys, *_svd_llm(model_dir, text_file, parent / "out"))
     assert_one_line_error(code, err, "Read-only file system")

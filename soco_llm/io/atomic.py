@@ -34,6 +34,7 @@ import psutil
 from safetensors.torch import save_file
 
 from ..errors import SocoError
+from .disk import refused_writes
 
 log = logging.getLogger(__name__)
 
@@ -221,70 +222,11 @@ def clean_stale(path: str | os.PathLike, dry_run: bool = False) -> list[Path]:
     return found
 
 
-# What a write that cannot succeed raises: the OS's errors, and safetensors' own error, which wraps them in text.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-_WRITE_TEXTS = ("No space left", "StorageFull", "Read-only file system", "ReadOnlyFilesystem", "Permission denied",
-                "PermissionDenied", "Disk quota", "QuotaExceeded", "File too large")
-
-
-def _write_failure(e: BaseException, path: Path) -> SocoError | None:
-    """One line for a write the filesystem refused (full, read-only, no permission), None for anything else."""
-    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
-        why = os.strerror(e.errno)
-    else:
-        why = next((t for t in _WRITE_TEXTS if t in str(e)), None)
-        if why is None:
-            return None
-    return SocoError(f"could not write {str(path)!r}: {why}; free space or choose another place to write "
-                     "(nothing was left half-written)")
-
-
-@contextmanager
-def _refused_writes(path: Path) -> Iterator[None]:
-    """Turn a write the filesystem refuses into one line naming `path`; any other error passes unchanged."""
-    try:
-        yield
-    except SocoError:
-        raise
-    except Exception as e:  # noqa: BLE001 - safetensors' error type is not an OSError
-        err = _write_failure(e, path)
-        if err is None:
-            raise
-        raise err from None
-
-
-def nearest_folder(path: str | os.PathLike) -> Path:
-    """The folder that holds `path`, or the nearest existing ancestor where the parents are still to be made."""
-    return next(p for p in Path(path).absolute().parents if p.exists())
-
-
-def check_writable(path: str | os.PathLike, what: str = "the output") -> None:
-    """Before any work: `path` can be made where it is asked for (its nearest existing folder takes a new file).
-    Permission bits alone do not say so: root ignores them, and a read-only mount ignores root."""
-    folder = nearest_folder(path)
-    probe = _temp_path(folder / Path(path).name)
-    try:
-        probe.write_bytes(b"")
-    except OSError as e:
-        raise SocoError(f"{what} {str(path)!r} cannot be written: {folder} is not writable ({os.strerror(e.errno)}); "
-                        "choose another place") from None
-    finally:
-        _remove(probe)
-
-
-def check_free_space(path: str | os.PathLike, needed: int, what: str = "the output") -> None:
-    """Before the work: the disk that will hold `path` has room for an estimated `needed` bytes."""
-    free = shutil.disk_usage(nearest_folder(path)).free
-    if free < needed:
-        raise SocoError(f"{what} {str(path)!r} needs about {needed / 2**30:.2f} GiB and its disk has "
-                        f"{free / 2**30:.2f} GiB free; free space or choose another place")
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     tmp = _temp_path(path)
     try:
-        with _refused_writes(path):
+        with refused_writes(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)
             os.replace(tmp, path)
@@ -305,7 +247,7 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict |
     path = Path(path)
     tmp = _temp_path(path)
     try:
-        with _refused_writes(path):
+        with refused_writes(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
             os.replace(tmp, path)
@@ -328,16 +270,16 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     (SocoError). With it, `out` holds the old or the new folder at every moment where the filesystem can
     swap two folders (see the module docstring)."""
     out = Path(out)
-    with _refused_writes(out):
+    with refused_writes(out):
         out.parent.mkdir(parents=True, exist_ok=True)
     _clean(out.parent)  # first, so a folder a killed replace left aside is back before `out` is looked at
     if os.path.lexists(out) and not overwrite:
         raise _exists_error(out, meanwhile=False)  # early, before any work; the final rename checks again
     tmp = _temp_path(out)
-    with _refused_writes(out):
+    with refused_writes(out):
         os.mkdir(tmp)
     try:
-        with _refused_writes(out):  # a full disk or a read-only folder met while writing: one line
+        with refused_writes(out):  # a full disk or a read-only folder met while writing: one line
             yield tmp
             if overwrite:
                 _replace(tmp, out)
