@@ -31,6 +31,13 @@ from harness.outputs import emit  # noqa: E402
 TEXTS = {"bundled": "BoolQ dev", "pubmed": "PubMedQA"}
 
 
+def _weights(folder: Path) -> Path:
+    """A folder's weights file: a compressed folder's (format 3), else an ordinary HF folder's."""
+    from soco_llm.io.format import FACTORED_WEIGHTS
+
+    return folder / FACTORED_WEIGHTS if (folder / FACTORED_WEIGHTS).is_file() else folder / "model.safetensors"
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -128,7 +135,7 @@ def main() -> None:
         if names is None:  # the dense model's decoder linears
             names = [t.name for t in find_targets(model)]
         r = {"label": label, "folder": str(folder), "folder_bytes": folder_bytes(folder),
-             "linear_bytes": decoder_linear_bytes(folder / "model.safetensors", names)}
+             "linear_bytes": decoder_linear_bytes(_weights(folder), names)}
         for text in TEXTS:
             keep = HELDOUT_TOPK if not reference.get(text) else 0
             res = evaluate_perplexity(model, tok, text, 512, args.eval_windows, 4, reference.get(text), keep)

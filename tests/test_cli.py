@@ -9,6 +9,7 @@ import torch
 
 from soco_llm import save_dense
 from soco_llm.cli import main
+from soco_llm.io.format import FACTORED_WEIGHTS
 import clirun
 from tiny import tiny_model, tiny_tokenizer
 
@@ -30,7 +31,7 @@ def test_compress_eval_info_export(capsys, model_dir, text_file, tmp_path):
     code, stdout, err = run(capsys, *compress_args(model_dir, text_file, out))
     assert code == 0, err
     assert "dense" in stdout and "svd-llm" in stdout and "perplexity" in stdout
-    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / FACTORED_WEIGHTS).is_file() and (out / "tokenizer.json").is_file()
 
     code, stdout, _ = run(capsys, "eval", out, "--eval-data", text_file, "--eval-seq-len", "32", "--eval-windows", "2")
     assert code == 0 and "perplexity" in stdout and "tokens" in stdout
@@ -94,7 +95,7 @@ def test_missing_model_folder(capsys, tmp_path):
 def test_corrupt_folders(capsys, model_dir, text_file, tmp_path):
     out = tmp_path / "c"
     assert run(capsys, *compress_args(model_dir, text_file, out, "--no-eval"))[0] == 0
-    weights = out / "model.safetensors"
+    weights = out / FACTORED_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     code, _, err = run(capsys, "eval", out)
     _one_line_error(code, err, "corrupt")
@@ -331,7 +332,7 @@ def test_dtype_auto_keeps_the_checkpoints_dtype(capsys, text_file, tmp_path, dty
                             "--eval-seq-len", "32", "--eval-windows", "2", "--dtype", dtype)
     assert code == 0, err
     assert "soco" in stdout and "nan" not in stdout.lower()
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
+    with safe_open(str(out / FACTORED_WEIGHTS), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith((".A.weight", ".B.weight"))}
     assert dtypes == {expected}
 
@@ -359,5 +360,5 @@ def test_a_bf16_run_exports_and_resumes_in_its_own_dtype(capsys, model_dir, text
                             "--eval-data", text_file, "--eval-seq-len", "32", "--eval-windows", "2")
     assert code == 0, err
     assert "target ratio 0.600" in stdout and "nan" not in stdout.lower()
-    with safe_open(str(tmp_path / "e" / "model.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "e" / FACTORED_WEIGHTS), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith((".A.weight", ".B.weight"))} == {torch.bfloat16}

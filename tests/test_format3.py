@@ -13,6 +13,7 @@ from torch import nn
 import soco_llm
 from soco_llm import LowRankLinear, SocoError
 from soco_llm.io import check_folder
+from soco_llm.io.format import FACTORED_WEIGHTS
 from soco_llm.models import load_model
 from soco_llm.quantize import QuantizedLinear, check_layout, quantize_model, rank_multiple
 import clirun
@@ -31,13 +32,14 @@ def as_old_format(folder, version: int) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     compressed = {n for n, r in cfg["compression"]["ranks"].items() if r > 0}
     old = {}
-    for k, t in load_file(folder / "model.safetensors").items():
+    for k, t in load_file(folder / FACTORED_WEIGHTS).items():
         layer, _, leaf = k.rpartition(".")
         owner, _, factor = layer.rpartition(".")
         if owner in compressed and factor in ("A", "B"):
             k = f"{owner}.{factor}" if leaf == "weight" else f"{owner}.bias"
         old[k] = t
-    save_file(old, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(old, folder / "model.safetensors", metadata={"format": "pt"})  # formats 1-2's file name
+    (folder / FACTORED_WEIGHTS).unlink()
     cfg["compression"]["format_version"] = version
     cfg["compression"].pop("quantization")
     cfg["quantization_config"] = {"quant_method": OLD_QUANT_METHOD, "format_version": version}
@@ -77,7 +79,7 @@ def test_quantized_compressed_model_reloads_to_identical_logits(arch, scheme, gr
     x = random_windows()
     ref = model(input_ids=x).logits
     out = soco_llm.save_compressed(model, tiny_tokenizer(), tmp_path / "q", report)
-    assert not any(t.is_floating_point() for k, t in load_file(out / "model.safetensors").items()
+    assert not any(t.is_floating_point() for k, t in load_file(out / FACTORED_WEIGHTS).items()
                    if k.endswith("qweight"))
     for loaded in (soco_llm.load(out), load_model(str(out))[0]):
         assert torch.equal(loaded(input_ids=x).logits, ref)
@@ -122,9 +124,9 @@ def _damage(src, tmp_path, fn):
     import shutil
     folder = tmp_path / "d"
     shutil.copytree(src, folder)
-    tensors = load_file(folder / "model.safetensors")
+    tensors = load_file(folder / FACTORED_WEIGHTS)
     fn(tensors)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, folder / FACTORED_WEIGHTS, metadata={"format": "pt"})
     return folder
 
 
@@ -160,7 +162,7 @@ def test_truncated_quantized_folder_refuses(quantized, tmp_path):
     import shutil
     folder = tmp_path / "d"
     shutil.copytree(quantized, folder)
-    w = folder / "model.safetensors"
+    w = folder / FACTORED_WEIGHTS
     w.write_bytes(w.read_bytes()[:-100])
     with pytest.raises(SocoError, match="corrupt or truncated"):
         soco_llm.load(folder)

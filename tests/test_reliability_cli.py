@@ -10,6 +10,7 @@ import soco_llm
 from clirun import assert_one_line_error, run
 from soco_llm import SocoError, save_dense
 from soco_llm.cli import build_parser
+from soco_llm.io.format import FACTORED_WEIGHTS
 from tiny import random_windows, tiny_model, tiny_tokenizer
 
 
@@ -154,7 +155,7 @@ def test_info_refuses_truncated_weights_and_bad_ranks(capsys, model_dir, text_fi
     code, _, err = run(capsys, "info", out)
     assert_one_line_error(code, err, "rank")
     (out / "config.json").write_text(good)
-    weights = out / "model.safetensors"
+    weights = out / FACTORED_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])
     code, _, err = run(capsys, "info", out)
     assert_one_line_error(code, err, "corrupt or truncated")

@@ -72,6 +72,24 @@ def test_a_tensor_of_another_shape_is_refused(model_dir, tmp_path):
         soco_llm.load_model(str(odd))
 
 
+# 2. from_pretrained after `import soco_llm` never loads a compressed folder with random layers, even one
+# whose config.json lost its load guard (and its format-2 quantization_config).
+
+def test_from_pretrained_of_a_compressed_folder_without_its_guard_fails(capsys, model_dir, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "c"
+    code, _, err = run(capsys, *_svd_llm(model_dir, text_file, out))
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    config.pop("transformers_weights")
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception) as raised:  # transformers finds no weights file of its own: an error
+        AutoModelForCausalLM.from_pretrained(str(out))
+    assert not isinstance(raised.value, AssertionError)
+
+
 # 3. --overwrite never touches an input.
 
 @pytest.mark.parametrize("which", ["--calib", "--eval-data"])

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 import soco_llm
 from soco_llm import LowRankLinear, SocoError
 from soco_llm.io import atomic, check_folder, clean_stale
+from soco_llm.io.format import FACTORED_WEIGHTS
 from soco_llm.io.atomic import atomic_dir, atomic_write_json
 from soco_llm.io.format import LOAD_GUARD, read_compression
 from tiny import ARCHS, random_windows, tiny_model, tiny_tokenizer
@@ -122,9 +123,9 @@ def _edit_config(folder, fn):
 
 
 def _edit_weights(folder, fn):
-    tensors = load_file(folder / "model.safetensors")
+    tensors = load_file(folder / FACTORED_WEIGHTS)
     fn(tensors)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, folder / FACTORED_WEIGHTS, metadata={"format": "pt"})
 
 
 def _refused(folder, match):
@@ -215,7 +216,7 @@ def test_hostile_layer_name_is_refused(folder, name):
 
 
 def test_truncated_weights_fail_check_folder(folder):
-    weights = folder / "model.safetensors"
+    weights = folder / FACTORED_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(SocoError, match="corrupt or truncated"):
         check_folder(folder)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from soco_llm.core.adapter import find_targets, is_linear
 from soco_llm.core.layer import LowRankLinear
+from soco_llm.io.format import FACTORED_WEIGHTS
 
 
 def _unique_params(model) -> list:
@@ -109,7 +110,7 @@ def saved_size(model, tok, report, names: list[str]) -> dict:
     dense_file = default_model_dir() / "model.safetensors"
     with tempfile.TemporaryDirectory(prefix="soco-bench-") as tmp:
         out = soco_llm.save_compressed(model, tok, Path(tmp) / "model", report)
-        comp_file = out / "model.safetensors"
+        comp_file = out / FACTORED_WEIGHTS
         comp_lin = decoder_linear_bytes(comp_file, names)
         comp_total = comp_file.stat().st_size
     dense_lin = decoder_linear_bytes(dense_file, names)

@@ -34,7 +34,16 @@ READABLE_VERSIONS = (1, 2, 3)
 QUANT_METHOD = "soco_lowrank"  # formats 1 and 2's transformers hook (io/hf_quantizer.py)
 # Config entries that describe the format; an ordinary dense folder carries none of them.
 FORMAT_KEYS = ("compression", "quantization_config", "transformers_weights")
-WEIGHTS = "model.safetensors"
+WEIGHTS = "model.safetensors"  # an ordinary HF folder's weights, and those of formats 1 and 2
+# Format 3's weights: a name transformers never looks for, so that a folder whose guard was removed from
+# config.json (by hand, or by a tool that rewrites it) makes from_pretrained find no weights and fail, rather
+# than load the architecture with every compressed layer initialised at random.
+FACTORED_WEIGHTS = "soco_model.safetensors"
+
+
+def weights_file(folder: Path, comp: dict) -> Path:
+    """The weights file of a compressed folder of the format `comp` (its compression section) names."""
+    return Path(folder) / (FACTORED_WEIGHTS if comp["format_version"] >= 3 else WEIGHTS)
 # transformers refuses a `transformers_weights` that is not a *.safetensors name and prints it, so this
 # sentence is what a user sees when the folder is loaded without soco-llm's hook (see the module docstring).
 LOAD_GUARD = ("soco-llm compressed model: load it with `import soco_llm; soco_llm.load(folder)` (pip install "
@@ -149,9 +158,10 @@ def check_folder(folder: str | os.PathLike) -> dict:
     cfg = _read_config(folder)
     comp = check_compression(cfg.get("compression"), where)
     check_weights(folder)
-    if not (folder / WEIGHTS).is_file():
-        raise SocoError(f"{where} has no {WEIGHTS}; the folder is incomplete, re-create it")
-    check_tensors(folder, comp, read_shapes([folder / WEIGHTS]), where)
+    weights = weights_file(folder, comp)
+    if not weights.is_file():
+        raise SocoError(f"{where} has no {weights.name}; the folder is incomplete, re-create it")
+    check_tensors(folder, comp, read_shapes([weights]), where)
     return comp
 
 

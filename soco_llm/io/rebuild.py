@@ -24,7 +24,7 @@ from ..core.adapter import linear_shape, replace_module, saved_linear
 from ..core.layer import LowRankLinear
 from ..errors import SocoError
 from ..quantize import rebuild_quantized
-from .format import FORMAT_KEYS, WEIGHTS, check_against_model
+from .format import FORMAT_KEYS, check_against_model, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,11 @@ def check_tensors(folder: Path, comp: dict, shapes: dict[str, tuple[int, ...]], 
 
 def load_weights(model: nn.Module, folder: Path, comp: dict, where: str) -> nn.Module:
     """Assign the folder's tensors to the rebuilt `model`; re-tie tied weights; nothing may stay on meta."""
+    weights = weights_file(folder, comp)
     try:
-        tensors = load_file(str(folder / WEIGHTS))
+        tensors = load_file(str(weights))
     except Exception as e:
-        raise SocoError(f"{folder / WEIGHTS} is corrupt or truncated ({str(e).splitlines()[0]}); "
+        raise SocoError(f"{weights} is corrupt or truncated ({str(e).splitlines()[0]}); "
                         "re-create the folder") from e
     renamed = current_names(comp, tensors)
     tensors = {renamed[k]: v for k, v in tensors.items()}

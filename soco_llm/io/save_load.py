@@ -21,7 +21,8 @@ from ..runtime import dtype_name, parse_dtype
 from . import hf_quantizer  # noqa: F401  formats 1-2's quantization_config: from_pretrained names the fix
 from .atomic import atomic_dir, atomic_write_json
 from .dense import check_dense_folder, merge_to_dense
-from .format import FORMAT_KEYS, LOAD_GUARD, WEIGHTS, check_folder, compression_section, read_compression
+from .format import (FACTORED_WEIGHTS, FORMAT_KEYS, LOAD_GUARD, WEIGHTS, check_folder, compression_section,
+                     read_compression)
 from .rebuild import load_weights, rebuild
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,9 @@ def _config_dict(model: nn.Module) -> dict:
     return d
 
 
-def _write_model(folder: Path, model: nn.Module, tokenizer, config: dict) -> None:
+def _write_model(folder: Path, model: nn.Module, tokenizer, config: dict, weights: str = WEIGHTS) -> None:
     # Inside a fresh temporary folder (atomic_dir): a plain write here is already atomic at the folder level.
-    save_file(unique_state_dict(model), str(folder / WEIGHTS), metadata={"format": "pt"})
+    save_file(unique_state_dict(model), str(folder / weights), metadata={"format": "pt"})
     atomic_write_json(folder / "config.json", config)
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -69,7 +70,7 @@ def save_compressed(model: nn.Module, tokenizer, out: str | os.PathLike, report,
     config["compression"] = compression_section(model, report)
     config["transformers_weights"] = LOAD_GUARD  # see format.py: plain transformers fails, naming the fix
     with atomic_dir(out, overwrite) as tmp:
-        _write_model(tmp, model, tokenizer, config)
+        _write_model(tmp, model, tokenizer, config, FACTORED_WEIGHTS)
         atomic_write_json(tmp / "compression_report.json", report.to_dict())
         for fname, tensors in report.tensors.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / fname))
