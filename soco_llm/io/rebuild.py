@@ -102,7 +102,9 @@ def load_weights(model: nn.Module, folder: Path, comp: dict, where: str) -> nn.M
         raise SocoError(f"{weights} is corrupt or truncated ({str(e).splitlines()[0]}); "
                         "re-create the folder") from e
     renamed = current_names(comp, tensors)
-    tensors = {renamed[k]: v for k, v in tensors.items()}
+    # A tensor read from the file may start at any byte; PyTorch's packed int8 / int4 CPU kernels read with
+    # aligned vector loads and crash (segfault) on a misaligned weight, so those get memory of their own.
+    tensors = {renamed[k]: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in tensors.items()}
     check_against_model(model, {k: tuple(v.shape) for k, v in tensors.items()}, where)
     expected = model.state_dict()
     for k, v in tensors.items():  # a float where integers belong (or the reverse) is damage, not a cast
