@@ -70,7 +70,7 @@ def compression_section(model: nn.Module, report) -> dict:
     }
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
     if not folder.is_dir():
         raise SocoError(f"model folder {str(folder)!r} not found")
     cfg_path = folder / "config.json"
@@ -117,7 +117,7 @@ def check_compression(comp, where: str) -> dict:
 
 def read_compression(folder: str | os.PathLike) -> dict:
     """The checked `compression` section of a compressed folder (config.json only), with clear errors."""
-    return check_compression(_read_config(Path(folder)).get("compression"), repr(str(folder)))
+    return check_compression(read_config(Path(folder)).get("compression"), repr(str(folder)))
 
 
 def read_shapes(files) -> dict[str, tuple[int, ...]]:
@@ -144,25 +144,6 @@ def check_weights(folder: Path) -> None:
     if not files:
         raise SocoError(f"{str(folder)!r} has no .safetensors weights; the folder is incomplete")
     read_shapes(files)
-
-
-def check_folder(folder: str | os.PathLike) -> dict:
-    """Validate a saved folder without loading its weights, for `soco info` and `soco_llm.load`:
-    config.json (the compression section), every safetensors header, and every tensor against the model
-    rebuilt on the meta device (none missing, none unexpected, every shape equal). Returns the compression
-    section; raises SocoError (one line)."""
-    from .rebuild import check_tensors  # rebuild builds on this module
-
-    folder = Path(folder)
-    where = repr(str(folder))
-    cfg = _read_config(folder)
-    comp = check_compression(cfg.get("compression"), where)
-    check_weights(folder)
-    weights = weights_file(folder, comp)
-    if not weights.is_file():
-        raise SocoError(f"{where} has no {weights.name}; the folder is incomplete, re-create it")
-    check_tensors(folder, comp, read_shapes([weights]), where)
-    return comp
 
 
 def check_against_model(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: str) -> None:

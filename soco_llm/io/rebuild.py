@@ -2,7 +2,8 @@
 architecture is built from config.json with its weights on the meta device (buffers such as rotary tables
 are computed as usual), the compressed layers (`compression.ranks`) and quantized layers
 (`compression.quantization`) are put in place, and then every saved tensor must match the rebuilt model
-exactly (missing, unexpected or mis-shaped is an error) before it is assigned.
+exactly (missing, unexpected or mis-shaped is an error) before it is assigned. `check_folder` makes the same
+check against the meta-device model alone, for `soco info` and every load, before any tensor is read.
 
 Formats 1 and 2 stored a compressed layer's factors as bare parameters `x.A`, `x.B` and its bias as
 `x.bias`; since format 3 the factors are `nn.Linear` modules (`x.A.weight`, `x.B.weight`, `x.B.bias`).
@@ -12,6 +13,7 @@ Formats 1 and 2 stored a compressed layer's factors as bare parameters `x.A`, `x
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -24,7 +26,8 @@ from ..core.adapter import linear_shape, replace_module, saved_linear
 from ..core.layer import LowRankLinear
 from ..errors import SocoError
 from ..quantize import rebuild_quantized
-from .format import FORMAT_KEYS, check_against_model, weights_file
+from .format import (FORMAT_KEYS, read_config, check_against_model, check_compression, check_weights,
+                     read_shapes, weights_file)
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +127,20 @@ def load_weights(model: nn.Module, folder: Path, comp: dict, where: str) -> nn.M
         except Exception as e:  # generation settings are not weights: load without them, say so
             log.warning("%s: generation_config.json not read (%s)", where, str(e).splitlines()[0])
     return model
+
+
+def check_folder(folder: str | os.PathLike) -> dict:
+    """Validate a saved folder without loading its weights, for `soco info` and `soco_llm.load`:
+    config.json (the compression section), every safetensors header, and every tensor against the model
+    rebuilt on the meta device (none missing, none unexpected, every shape equal). Returns the compression
+    section; raises SocoError (one line)."""
+    folder = Path(folder)
+    where = repr(str(folder))
+    cfg = read_config(folder)
+    comp = check_compression(cfg.get("compression"), where)
+    check_weights(folder)
+    weights = weights_file(folder, comp)
+    if not weights.is_file():
+        raise SocoError(f"{where} has no {weights.name}; the folder is incomplete, re-create it")
+    check_tensors(folder, comp, read_shapes([weights]), where)
+    return comp

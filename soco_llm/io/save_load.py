@@ -21,9 +21,9 @@ from ..runtime import dtype_name, parse_dtype
 from . import hf_quantizer  # noqa: F401  formats 1-2's quantization_config: from_pretrained names the fix
 from .atomic import atomic_dir, atomic_write_json
 from .dense import check_dense_folder, merge_to_dense
-from .format import (FACTORED_WEIGHTS, FORMAT_KEYS, LOAD_GUARD, WEIGHTS, check_folder, compression_section,
+from .format import (FACTORED_WEIGHTS, FORMAT_KEYS, LOAD_GUARD, WEIGHTS, compression_section,
                      read_compression)
-from .rebuild import load_weights, rebuild
+from .rebuild import check_folder, load_weights, rebuild
 
 log = logging.getLogger(__name__)
 
