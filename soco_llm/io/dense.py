@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..core.adapter import factor_names, is_linear, replace_module
 from ..core.layer import LowRankLinear
-from ..errors import SocoError
+from ..errors import SocoError, first_line
 from .format import FORMAT_KEYS, WEIGHTS, check_against_model, read_shapes
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,6 @@ def check_dense_folder(folder: Path, where: str) -> None:
             model = AutoModelForCausalLM.from_config(config)
     except Exception as e:
         raise SocoError(f"{where}: transformers could not build the dense model from its config.json "
-                        f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                        f"({first_line(e)}); "
                         "nothing was written") from e
     check_against_model(model, read_shapes([folder / WEIGHTS]), where)

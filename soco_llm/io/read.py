@@ -14,12 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..errors import SocoError
+from ..errors import SocoError, first_line
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def read_tensors(path: str | os.PathLike, remedy: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -30,7 +26,7 @@ def read_tensors(path: str | os.PathLike, remedy: str, device: str | torch.devic
     try:
         return load_file(str(path), device=str(device))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types, and OSError
-        raise SocoError(f"{path} is not a readable safetensors file ({_first_line(e)}); {remedy}") from None
+        raise SocoError(f"{path} is not a readable safetensors file ({first_line(e)}); {remedy}") from None
 
 
 def read_json(path: str | os.PathLike, remedy: str):
@@ -41,4 +37,4 @@ def read_json(path: str | os.PathLike, remedy: str):
     except FileNotFoundError:
         raise SocoError(f"{path} is missing; {remedy}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SocoError(f"{path} is not valid JSON ({_first_line(e)}); {remedy}") from None
+        raise SocoError(f"{path} is not valid JSON ({first_line(e)}); {remedy}") from None

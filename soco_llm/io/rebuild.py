@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from ..core.adapter import linear_shape, replace_module, saved_linear
 from ..core.layer import LowRankLinear
-from ..errors import SocoError
+from ..errors import SocoError, first_line
 from ..quantize import rebuild_quantized
 from .format import (FORMAT_KEYS, read_config, check_against_model, check_compression, check_weights,
                      read_shapes, weights_file)
@@ -68,7 +68,7 @@ def _architecture(folder: Path, where: str, dtype: torch.dtype | None, device: s
         raise
     except Exception as e:
         raise SocoError(f"{where}: transformers could not build the model from its config.json "
-                        f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                        f"({first_line(e)}); "
                         "the folder is damaged, re-create it") from e
 
 

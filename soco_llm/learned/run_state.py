@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.trainer import checkpoint_step
-from ..errors import SocoError
+from ..errors import SocoError, first_line
 from ..io.read import read_json
 
 RUN_FILE = "run.json"
@@ -69,7 +69,7 @@ def run_dtype(run_dir: Path, meta: dict) -> str | None:
             key = next((k for k in f.keys() if k.endswith("::left")), None)
             return None if key is None else _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
     except Exception as e:  # noqa: BLE001 - any unreadable header is a damaged file
-        raise SocoError(f"{path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete "
+        raise SocoError(f"{path} is unreadable ({first_line(e)}); delete "
                         f"the run folder (rm -r {run_dir}) to start over") from None
 
 
